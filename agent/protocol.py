@@ -1,0 +1,127 @@
+"""Every fact shared between the worker, the supervisor, systemd units and the docs.
+
+Exit codes, worker states, HTTP routes, environment variable names and metric names live
+here and nowhere else. This module imports nothing heavy: the supervisor reads it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+
+class ExitCode(enum.IntEnum):
+    """How a worker process ends; the supervisor decides what to do from this alone.
+
+    1 (an uncaught Python exception) and 2 (a command-line usage error) keep their usual
+    meaning and are treated as crashes.
+    """
+
+    STOPPED = 0
+    """Stopped on request (SIGTERM/SIGINT): do not restart unless the supervisor wants to."""
+    ENGINE_DEAD = 3
+    """The engine died (EngineDeadError or a health check timed out): restart."""
+    UNHEALTHY = 4
+    """The engine is alive but answers nothing (the canary failed): restart."""
+    CHECKPOINTED = 5
+    """A checkpoint of this worker was taken and it was told to end: do not restart."""
+    CONFIG = 78
+    """The configuration is wrong (sysexits EX_CONFIG): restarting cannot help.
+
+    The systemd unit lists this code in RestartPreventExitStatus=.
+    """
+
+    @classmethod
+    def describe(cls, code: int | None) -> str:
+        """A short reason in words for an exit status (negative: killed by that signal)."""
+        if code is None:
+            return "running"
+        if code < 0:
+            import signal
+
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        try:
+            return _EXIT_REASONS[cls(code)]
+        except ValueError:
+            return f"crashed (exit status {code})"
+
+
+_EXIT_REASONS = {
+    ExitCode.STOPPED: "stopped on request",
+    ExitCode.ENGINE_DEAD: "engine dead",
+    ExitCode.UNHEALTHY: "engine hung (canary failed)",
+    ExitCode.CHECKPOINTED: "checkpoint taken",
+    ExitCode.CONFIG: "bad config",
+}
+
+
+class WorkerState(enum.StrEnum):
+    """What a worker reports on GET /health."""
+
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+    SLEEPING = "sleeping"
+    UNHEALTHY = "unhealthy"
+    DEAD = "dead"
+
+
+class Route:
+    """HTTP routes of a worker that are ours (vLLM's OpenAI routes are vLLM's)."""
+
+    HEALTH = "/health"
+    METRICS = "/metrics"
+
+
+class Env:
+    """Environment variables read by the agent (Dynamo's names where Dynamo has one)."""
+
+    HEALTH_CHECK_INTERVAL = "DYN_ENGINE_HEALTH_CHECK_INTERVAL"
+    HEALTH_CHECK_TIMEOUT = "DYN_ENGINE_HEALTH_CHECK_TIMEOUT"
+    HEALTH_SHUTDOWN_TIMEOUT = "DYN_ENGINE_HEALTH_SHUTDOWN_TIMEOUT"
+    HEALTH_CHECK_PAYLOAD = "DYN_HEALTH_CHECK_PAYLOAD"
+    CANARY_WAIT_TIME = "DYN_CANARY_WAIT_TIME"
+    CANARY_REQUEST_TIMEOUT = "DYN_HEALTH_CHECK_REQUEST_TIMEOUT"
+    PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+    # Set for every engine process: no telemetry leaves the machine, and vLLM's message
+    # queue binds to loopback unless the operator says otherwise.
+    ENGINE_DEFAULTS: Final[Mapping[str, str]] = MappingProxyType({
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+    })
+
+
+class Metric:
+    """Names of the metrics the worker publishes (Dynamo's names for the engine gauges)."""
+
+    TOTAL_BLOCKS = "dynamo_component_total_blocks"
+    CACHE_USAGE = "dynamo_component_gpu_cache_usage_percent"
+    MODEL_LOAD_TIME = "dynamo_component_model_load_time_seconds"
+    REQUESTS_RUNNING = "dynamo_component_requests_running"
+    REQUESTS_WAITING = "dynamo_component_requests_waiting"
+    CANARY_CHECKS = "dynamo_component_canary_checks"
+    CANARY_LATENCY = "dynamo_component_canary_latency_seconds"
+    HEALTH_STATE = "dynamo_component_health_state"
+
+
+class Label:
+    """Hierarchical labels on every worker metric (Dynamo's names)."""
+
+    NAMESPACE = "dynamo_namespace"
+    COMPONENT = "dynamo_component"
+    ENDPOINT = "dynamo_endpoint"
+    MODEL = "model"
+    DP_RANK = "dp_rank"
+    WORKER = "worker"
+    # Labels a user may not set: Prometheus gives them meaning of its own.
+    RESERVED = frozenset({"le", "quantile"})
+
+
+# The request id prefix of canary requests, so that logs and traces tell them apart.
+CANARY_REQUEST_PREFIX = "dynamo-canary-"

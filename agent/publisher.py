@@ -1,0 +1,87 @@
+"""A vLLM stat-logger factory that publishes the engine gauges and marks engine progress.
+
+vLLM calls `factory(vllm_config, engine_index)` once per data-parallel engine of the
+`AsyncLLM`; the rank this worker publishes for gets an `EnginePublisher`, the others a
+`NullStatLogger`. `record()` runs on the front-end's output handler after every engine
+step, which also makes it the cheapest proof that the engine is making progress.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from .metrics import EngineGauges
+from .status import WorkerStatus
+
+log = logging.getLogger(__name__)
+
+
+class NullStatLogger(StatLoggerBase):
+    """For engines of other ranks. vLLM declares `__init__` abstract, so it is spelled out."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0):
+        self.engine_index = engine_index
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class EnginePublisher(StatLoggerBase):
+    def __init__(self, vllm_config: Any, engine_index: int, gauges: EngineGauges,
+                 status: WorkerStatus):
+        self.vllm_config = vllm_config
+        self.dp_rank = engine_index
+        self.gauges = gauges
+        self.status = status
+        self.total_blocks: int | None = None
+
+    def _read_total_blocks(self) -> int | None:
+        blocks = getattr(self.vllm_config.cache_config, "num_gpu_blocks", None)
+        return int(blocks) if blocks else None
+
+    def log_engine_initialized(self) -> None:
+        self.total_blocks = self._read_total_blocks()
+        self.gauges.set_engine(self.dp_rank, total_blocks=self.total_blocks or 0, cache_usage=0.0,
+                               running=0, waiting=0)
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0, *args: Any, **kwargs: Any) -> None:
+        if iteration_stats is not None:
+            self.status.progressed()
+        if scheduler_stats is None:
+            return
+        if self.total_blocks is None:
+            self.total_blocks = self._read_total_blocks()
+        self.gauges.set_engine(
+            self.dp_rank,
+            total_blocks=self.total_blocks,
+            cache_usage=float(scheduler_stats.kv_cache_usage),
+            running=int(scheduler_stats.num_running_reqs),
+            waiting=int(scheduler_stats.num_waiting_reqs),
+        )
+
+
+class StatLoggerFactory:
+    """Callable handed to `AsyncLLM(stat_loggers=[...])`; vLLM wraps it per engine."""
+
+    def __init__(self, gauges: EngineGauges, status: WorkerStatus):
+        self.gauges = gauges
+        self.status = status
+        self.created: dict[int, StatLoggerBase] = {}
+
+    def __call__(self, vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:
+        own_rank = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
+        logger: StatLoggerBase
+        if engine_index == own_rank:
+            logger = EnginePublisher(vllm_config, engine_index, self.gauges, self.status)
+        else:
+            logger = NullStatLogger(vllm_config, engine_index)
+        self.created[engine_index] = logger
+        return logger

@@ -1,0 +1,250 @@
+"""One worker: a vLLM engine behind vLLM's OpenAI API, watched from inside.
+
+Order of a life: validate the engine arguments with vLLM's parser, bind the port, answer
+`/health` with `loading`, start the engine off the event loop, attach vLLM's app to it,
+serve, and watch it with the engine monitor and the canary. It ends with an `ExitCode`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from .canary import Canary
+from .config import Config
+from .engine import (
+    EngineConfigError,
+    engine_args_from,
+    serve_args,
+    start_engine,
+    start_failure_reason,
+)
+from .metrics import EngineGauges, merge_labels
+from .monitor import EngineMonitor
+from .processes import descendants, kill_all, shutdown_engine
+from .protocol import ExitCode, Label, WorkerState
+from .publisher import StatLoggerFactory
+from .server import WorkerApp, bind_socket, make_server
+from .status import WorkerStatus
+
+log = logging.getLogger(__name__)
+
+# A hung engine will not shut down gracefully; do not wait the full shutdown timeout.
+HUNG_ENGINE_SHUTDOWN_S = 5.0
+
+
+class EngineStartError(Exception):
+    pass
+
+
+class Worker:
+    def __init__(self, config: Config, index: int):
+        self.config = config
+        self.index = index
+        self.port = config.worker_port(index)
+        self.status = WorkerStatus()
+        self.exit_code: ExitCode | None = None
+        self.labels = merge_labels({
+            Label.NAMESPACE: config.metrics.namespace,
+            Label.COMPONENT: config.metrics.component,
+            Label.ENDPOINT: config.metrics.endpoint,
+            Label.MODEL: config.served_name,
+        }, config.metric_labels)
+        self.gauges = EngineGauges(self.labels)
+        self._stop = asyncio.Event()
+
+    def _set_state(self, state: WorkerState, reason: str) -> None:
+        self.status.set(state, reason)
+        self.gauges.set_state(state)
+
+    def fail(self, code: ExitCode, reason: str) -> None:
+        """Called by the monitor and the canary: end this worker with `code`."""
+        if self.exit_code is not None:
+            return
+        log.error("worker %d: %s", self.index, reason)
+        state = WorkerState.DEAD if code is ExitCode.ENGINE_DEAD else WorkerState.UNHEALTHY
+        self._set_state(state, reason)
+        self.exit_code = code
+        self._stop.set()
+
+    def request_stop(self, signame: str) -> None:
+        if self.exit_code is None:
+            self.exit_code = ExitCode.STOPPED
+            self._set_state(WorkerState.DRAINING, f"stopping on {signame}")
+        self._stop.set()
+
+    def _watch(self, task: asyncio.Task[None], what: str) -> None:
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or self._stop.is_set():
+                return
+            exc = t.exception()
+            if exc is not None:
+                log.error("%s crashed: %r", what, exc, exc_info=exc)
+                self.fail(ExitCode.UNHEALTHY, f"{what} crashed: {exc!r}")
+        task.add_done_callback(done)
+
+    async def run(self) -> ExitCode:
+        """Serve until stopped or failed; raises EngineConfigError or PortInUse on bad input."""
+        config, loop = self.config, asyncio.get_running_loop()
+        # Bind first: a port conflict is reported at once, and /health answers while vLLM
+        # is imported and the model loads.
+        sock = bind_socket(config.workers.host, self.port)
+        self.gauges.set_state(WorkerState.LOADING)
+        identity = {"model": config.served_name, "worker": self.index, "port": self.port}
+        app = WorkerApp(self.status, identity)
+        server = make_server(app, config.logging.level, config.workers.drain_timeout)
+        serve_task = asyncio.create_task(server.serve(sockets=[sock]))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        log.info("worker %d loading %s; health at http://%s:%d/health", self.index,
+                 config.model.path, config.workers.host, self.port)
+
+        factory = StatLoggerFactory(self.gauges, self.status)
+
+        def prepare_and_start() -> tuple[Any, Any, float]:
+            args = serve_args(config, self.index)
+            engine, seconds = start_engine(engine_args_from(args), [factory])
+            return args, engine, seconds
+
+        load = asyncio.ensure_future(asyncio.to_thread(prepare_and_start))
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():
+            # The engine start cannot be interrupted; end its processes instead of waiting.
+            log.warning("worker %d: stop requested while loading; ending the engine processes",
+                        self.index)
+            await asyncio.to_thread(kill_all, descendants())
+            await self._stop_server(server, serve_task, force=True)
+            return ExitCode.STOPPED
+        stop_wait.cancel()
+        try:
+            args, engine, load_seconds = load.result()
+        except EngineConfigError as exc:
+            self._set_state(WorkerState.DEAD, f"engine arguments refused: {exc}")
+            await self._stop_server(server, serve_task, force=True)
+            raise
+        except Exception as exc:
+            reason = start_failure_reason(exc)
+            self._set_state(WorkerState.DEAD, f"engine failed to start: {reason}")
+            await self._stop_server(server, serve_task, force=True)
+            await asyncio.to_thread(kill_all, descendants())
+            raise EngineStartError(reason) from exc
+
+        try:
+            return await self._serve(engine, load_seconds, args, app, server, serve_task)
+        finally:
+            timeout = config.health.shutdown_timeout
+            if self.exit_code is ExitCode.UNHEALTHY:
+                timeout = min(timeout or HUNG_ENGINE_SHUTDOWN_S, HUNG_ENGINE_SHUTDOWN_S)
+            await asyncio.to_thread(shutdown_engine, engine, timeout)
+
+    async def _serve(self, engine: Any, load_seconds: float, args: Any, app: WorkerApp,
+                     server: Any, serve_task: asyncio.Task[None]) -> ExitCode:
+        from vllm import SamplingParams
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        config = self.config
+        # Built off the event loop, the engine starts its output handler lazily; start it
+        # now so stats and progress flow before the first request.
+        start_output_handler = getattr(engine, "_run_output_handler", None)
+        if start_output_handler is not None:
+            start_output_handler()
+        tasks = await engine.get_supported_tasks()
+        vllm_app = build_app(args, tasks, engine.model_config)
+        await init_app_state(engine, vllm_app.state, args, tasks)
+        vllm_app.state.server = _EngineErrorHook(self)
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(vllm_app.router.lifespan_context(vllm_app))
+            app.inner = vllm_app
+            self.gauges.model_load_time.labels(**self.labels).set(load_seconds)
+            self.status.progressed()
+            if self.exit_code is None:
+                self._set_state(WorkerState.SERVING, f"serving {config.served_name}")
+            log.info("worker %d serving %s at http://%s:%d/v1 (engine started in %.1f s)",
+                     self.index, config.served_name, config.workers.host, self.port, load_seconds)
+
+            monitor = EngineMonitor(engine, config.health.interval, config.health.check_timeout,
+                                    self.fail, (EngineDeadError,))
+            watchers = [asyncio.create_task(monitor.run(), name="engine-monitor")]
+            self._watch(watchers[0], "engine monitor")
+            if config.health.canary:
+                def generate(prompt: Any, max_tokens: int, temperature: float,
+                             request_id: str) -> Any:
+                    params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+                    return engine.generate(prompt, params, request_id=request_id)
+
+                canary = Canary(generate, self.status, config.health_payload,
+                                _bos_token_id(engine), config.health.canary_idle,
+                                config.health.canary_timeout, config.health.canary_failures,
+                                self.gauges, self.fail)
+                watchers.append(asyncio.create_task(canary.run(), name="canary"))
+                self._watch(watchers[1], "canary")
+
+            stop_wait = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({stop_wait, serve_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not self._stop.is_set():
+                self.fail(ExitCode.UNHEALTHY, "the HTTP server stopped unexpectedly")
+            stop_wait.cancel()
+            for watcher in watchers:
+                watcher.cancel()
+            code = self.exit_code or ExitCode.STOPPED
+            await self._stop_server(server, serve_task, force=code is not ExitCode.STOPPED)
+        return code
+
+    async def _stop_server(self, server: Any, serve_task: asyncio.Task[None],
+                           force: bool) -> None:
+        """Stop accepting; a graceful stop lets requests in flight finish (drain_timeout)."""
+        server.should_exit = True
+        if force:
+            server.force_exit = True
+        limit = self.config.workers.drain_timeout + 5
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(serve_task, limit)
+
+
+class _EngineErrorHook:
+    """Stands in for the server in vLLM's error handlers.
+
+    When a request fails because the engine died, vLLM sets `server.should_exit`. Here that
+    ends the worker with the engine-dead code at once, instead of stopping the HTTP server
+    behind the worker's back.
+    """
+
+    def __init__(self, worker: Worker):
+        self._worker = worker
+
+    @property
+    def should_exit(self) -> bool:
+        return self._worker.exit_code is not None
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self._worker.fail(ExitCode.ENGINE_DEAD, "engine dead (a request failed with "
+                                                    "EngineDeadError)")
+
+
+def _bos_token_id(engine: Any) -> int | None:
+    try:
+        tokenizer = engine.get_tokenizer()
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return int(bos) if bos is not None else None
+    except Exception as exc:
+        log.info("no BOS token from the tokenizer (%s); the canary uses token id 1", exc)
+        return None
+
+
+def refused_engine_key(config: Config, message: str) -> str:
+    """Name the `engine.*` key behind a vLLM refusal, when the message names its flag."""
+    for key in config.engine:
+        if f"--{key.replace('_', '-')}" in message or f"{key}" in message:
+            return f"engine.{key}"
+    return "engine"
+
+
+__all__ = ["EngineConfigError", "EngineStartError", "Worker", "refused_engine_key"]

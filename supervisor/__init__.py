@@ -1,0 +1,1 @@
+"""The dynamo-vllm supervisor: the systemd unit's main process (and the CLI)."""

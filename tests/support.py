@@ -1,0 +1,148 @@
+"""Helpers for tests that run real processes: free ports, configs, a worker handle."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import tomli_w
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout:g} s")
+
+
+def engine_config(model: Path, port: int, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config for the tiny model on the CPU engine, small enough for two at once."""
+    config: dict[str, Any] = {
+        "model": {"path": str(model), "served_name": "tiny"},
+        "workers": {"count": 1, "base_port": port, "drain_timeout": 5.0},
+        "health": {"interval": 1.0, "check_timeout": 10.0, "shutdown_timeout": 20.0},
+        "engine": {"enforce_eager": True, "max_model_len": 512,
+                   "kv_cache_memory_bytes": 64 * 2**20, "dtype": "float32",
+                   "max_num_seqs": 8},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+class WorkerProcess:
+    """A real worker (`python -m dynamo_vllm.agent`) in its own session, always cleaned up."""
+
+    def __init__(self, config_path: Path, port: int, log_path: Path, index: int = 0,
+                 env: dict[str, str] | None = None):
+        self.port = port
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in cleanup()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dynamo_vllm.agent", "--config", str(config_path),
+             "--index", str(index)],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.seen_pids: set[int] = {self.proc.pid}
+        self.base = f"http://127.0.0.1:{port}"
+
+    def health(self) -> tuple[int, dict[str, Any]] | None:
+        try:
+            resp = httpx.get(self.base + "/health", timeout=2)
+        except httpx.HTTPError:
+            return None
+        return resp.status_code, resp.json()
+
+    def remember_children(self) -> list[psutil.Process]:
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        self.seen_pids.update(p.pid for p in children)
+        return children
+
+    def engine_core(self) -> psutil.Process:
+        def find() -> psutil.Process | None:
+            for child in self.remember_children():
+                with contextlib.suppress(psutil.Error):
+                    if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                        return child
+            return None
+        return wait_for(find, 30, what="EngineCore process")
+
+    def wait_serving(self, timeout: float = 180) -> list[str]:
+        """Wait until /health says serving; returns the states seen on the way."""
+        states: list[str] = []
+
+        def serving() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            answer = self.health()
+            if answer is None:
+                return False
+            state = answer[1]["state"]
+            if not states or states[-1] != state:
+                states.append(state)
+            return answer[0] == 200
+
+        wait_for(serving, timeout, interval=0.1, what="worker serving")
+        self.remember_children()
+        return states
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker still running after {timeout:g} s:\n{self.log()}") from None
+
+    def alive_leftovers(self) -> list[int]:
+        alive = []
+        for pid in self.seen_pids:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+        return alive
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def cleanup(self) -> None:
+        self.remember_children()
+        for pid in self.seen_pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self._log.close()

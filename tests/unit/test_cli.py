@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from dynamo_vllm.supervisor.cli import main
+
+
+def model_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_config_init_writes_a_file_that_checks(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "tiny.toml"
+    result = runner.invoke(main, ["config", "init", "tiny", "--model", str(model_dir(tmp_path)),
+                                  "--workers", "2", "--port", "9100", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.count("\n# ") > 20  # commented
+    raw = tomllib.loads(text)
+    assert raw["workers"]["count"] == 2 and raw["workers"]["base_port"] == 9100
+    assert raw["engine"]["kv_cache_memory_bytes"] >= 64 * 2**20
+    check = runner.invoke(main, ["config", "check", str(out)])
+    assert check.exit_code == 0, check.output
+    assert "ok (2 worker(s)" in check.output
+    again = runner.invoke(main, ["config", "init", "tiny", "--model", "x", "--output", str(out)])
+    assert again.exit_code != 0 and "exists" in again.output
+
+
+def test_config_check_exits_with_the_config_code(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[workers]\ncount = "two"\n')
+    result = CliRunner().invoke(main, ["config", "check", str(bad)])
+    assert result.exit_code == 78
+    assert "config error: workers.count: must be an integer" in result.output
+    assert "config error: model.path: required" in result.output
+
+
+def test_config_show_applies_env(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[model]\npath = "{model_dir(tmp_path)}"\n')
+    result = CliRunner().invoke(main, ["config", "show", str(conf)],
+                                env={"DYN_ENGINE_HEALTH_CHECK_INTERVAL": "7"})
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads(result.output)["health"]["interval"] == 7.0
+
+
+def test_config_name_resolves_under_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "llama.toml").write_text(f'[model]\npath = "{model_dir(tmp_path)}"\n')
+    result = CliRunner().invoke(main, ["config", "check", "llama"],
+                                env={"DYNAMO_VLLM_CONFIG_DIR": str(tmp_path)})
+    assert result.exit_code == 0, result.output
