@@ -15,9 +15,12 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint typecheck unit integration bench clean
+.PHONY: setup system-deps demo test lint typecheck unit integration bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+system-deps:
+	@scripts/install-system-deps
 
 $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +38,7 @@ $(DEMO_CONFIG): $(TINY_MODEL)/config.json
 	$(BIN)/dynamo-vllm config init demo --model $(TINY_MODEL) --output $@ --force
 
 demo: setup $(DEMO_CONFIG)
-	VLLM_HOST_IP=127.0.0.1 $(BIN)/dynamo-vllm worker --config $(DEMO_CONFIG)
+	VLLM_HOST_IP=127.0.0.1 $(BIN)/dynamo-vllm run --config $(DEMO_CONFIG)
 
 lint: setup
 	$(BIN)/ruff check agent supervisor tests benchmarks
@@ -60,6 +63,7 @@ test: lint typecheck
 
 bench: setup $(TINY_MODEL)/config.json
 	$(BIN)/python benchmarks/worker_bench.py --model $(TINY_MODEL)
+	$(BIN)/python benchmarks/supervisor_bench.py --model $(TINY_MODEL)
 
 clean:
 	rm -rf build dist $(TINY_MODEL) .mypy_cache .ruff_cache .pytest_cache

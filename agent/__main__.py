@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from typing import NoReturn
@@ -22,8 +23,28 @@ from .protocol import Env, ExitCode
 log = logging.getLogger("dynamo_vllm.worker")
 
 
+def _die_with_supervisor() -> None:
+    """Under a supervisor, get SIGTERM when it dies, so no worker outlives it.
+
+    The worker then shuts its engine down as on any stop. Armed here rather than in a
+    pre-exec hook, which is unsafe in a threaded parent.
+    """
+    supervisor = os.environ.get(Env.SUPERVISOR_PID)
+    if not supervisor:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if str(os.getppid()) != supervisor:  # it died before the signal was armed
+        print("dynamo-vllm worker: the supervisor is gone; not starting", file=sys.stderr)
+        _exit(ExitCode.STOPPED)
+
+
 def _prepare_environment(index: int) -> str | None:
     """Engine env defaults and a metrics directory. Returns a directory to remove at exit."""
+    _die_with_supervisor()
     for name, value in Env.ENGINE_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if "prometheus_client" in sys.modules:

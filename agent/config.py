@@ -51,6 +51,12 @@ def _port(value: Any) -> str | None:
     return None if 1 <= value <= 65535 else "must be a TCP port from 1 to 65535"
 
 
+def _gpu_list(value: Any) -> str | None:
+    if len(set(value)) != len(value):
+        return "lists a GPU twice"
+    return None
+
+
 def _log_level(value: Any) -> str | None:
     levels = ("debug", "info", "warning", "error")
     return None if value in levels else f"must be one of {', '.join(levels)}"
@@ -89,6 +95,21 @@ class WorkersSection:
                                  "(0: all of them).", _non_negative)
     drain_timeout: float = _setting(30.0, "Seconds a stopping worker lets requests in flight "
                                           "finish before it stops the engine.", _non_negative)
+    stop_timeout: float = _setting(90.0, "Seconds the supervisor waits for a stopping worker "
+                                         "before it kills its process group.", _positive)
+    start_timeout: float = _setting(900.0, "Seconds a worker may take to serve before it "
+                                           "counts as failed to start.", _positive)
+    python: str = _setting("", "Interpreter for the workers (an engine venv's python); "
+                               "default: the supervisor's own.")
+    gpus: list[int] = _setting(None, "GPU indices to share out (default: every GPU found).",
+                               _gpu_list)
+    restart_backoff: float = _setting(1.0, "First delay before restarting a failed worker; "
+                                           "doubles on each failure, with jitter.", _positive)
+    restart_backoff_max: float = _setting(60.0, "Longest delay between restarts.", _positive)
+    crash_loop_restarts: int = _setting(5, "Restarts within crash_loop_window after which a "
+                                           "worker is given up.", _positive)
+    crash_loop_window: float = _setting(300.0, "Seconds over which restarts are counted.",
+                                        _positive)
 
 
 @dataclass(frozen=True)
@@ -110,10 +131,26 @@ class HealthSection:
                                        "unhealthy.", _positive)
     payload: dict[str, Any] = _setting(None, "Canary request: {prompt = \"...\"} or "
                                              "{token_ids = [...]}; default: the BOS token.")
+    poll_interval: float = _setting(2.0, "Seconds between the supervisor's polls of each "
+                                         "worker's /health.", _positive)
+    poll_timeout: float = _setting(5.0, "Seconds a /health poll may take.", _positive)
+    poll_failures: int = _setting(3, "Polls in a row without an answer after which a worker "
+                                     "counts as hung and is killed.", _positive)
+
+
+@dataclass(frozen=True)
+class WatchdogSection:
+    unready_grace: float = _setting(120.0, "Seconds below min_ready serving workers (after the "
+                                           "first READY) before the supervisor stops sending "
+                                           "WATCHDOG=1, so systemd restarts the service.",
+                                    _positive)
 
 
 @dataclass(frozen=True)
 class MetricsSection:
+    host: str = _setting("127.0.0.1", "Address of the supervisor's /metrics and /status "
+                                      "(loopback: local only).")
+    port: int = _setting(9400, "Port of the supervisor's /metrics and /status.", _port)
     namespace: str = _setting("dynamo", "Value of the dynamo_namespace label.")
     component: str = _setting("backend", "Value of the dynamo_component label.")
     endpoint: str = _setting("generate", "Value of the dynamo_endpoint label.")
@@ -130,6 +167,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "workers": WorkersSection,
     "health": HealthSection,
+    "watchdog": WatchdogSection,
     "metrics": MetricsSection,
     "logging": LoggingSection,
 }
@@ -149,6 +187,7 @@ class Config:
     model: ModelSection
     workers: WorkersSection
     health: HealthSection
+    watchdog: WatchdogSection
     metrics: MetricsSection
     logging: LoggingSection
     engine: dict[str, Any]
@@ -188,7 +227,7 @@ class Config:
 
 def _type_name(annotation: str) -> str:
     return {"int": "an integer", "float": "a number", "bool": "true or false",
-            "str": "a string"}.get(annotation, "a table")
+            "str": "a string", "list[int]": "a list of integers ≥ 0"}.get(annotation, "a table")
 
 
 def _check_type(annotation: str, value: Any) -> bool:
@@ -201,6 +240,9 @@ def _check_type(annotation: str, value: Any) -> bool:
         return isinstance(value, bool)
     if annotation == "str":
         return isinstance(value, str)
+    if annotation == "list[int]":
+        return isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     return isinstance(value, dict)
 
 
@@ -272,6 +314,13 @@ def _validate_cross(config: Config, errors: list[str], check_paths: bool) -> Non
     if config.workers.min_ready > config.workers.count:
         errors.append(f"workers.min_ready: {config.workers.min_ready} is more than "
                       f"workers.count ({config.workers.count})")
+    if config.workers.restart_backoff > config.workers.restart_backoff_max:
+        errors.append("workers.restart_backoff: more than workers.restart_backoff_max")
+    worker_ports = range(config.workers.base_port,
+                         config.workers.base_port + config.workers.count)
+    if config.metrics.port in worker_ports:
+        errors.append(f"metrics.port: {config.metrics.port} is also a worker port "
+                      f"(workers.base_port + index)")
     last_port = config.workers.base_port + config.workers.count - 1
     if last_port > 65535:
         errors.append(f"workers.base_port: workers up to {config.workers.count - 1} would need "

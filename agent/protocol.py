@@ -27,6 +27,9 @@ class ExitCode(enum.IntEnum):
     """The engine is alive but answers nothing (the canary failed): restart."""
     CHECKPOINTED = 5
     """A checkpoint of this worker was taken and it was told to end: do not restart."""
+    SERVICE_FAILED = 6
+    """Supervisor only: it could not keep `min_ready` workers serving (every worker given
+    up, or below min_ready past the grace period without a systemd watchdog)."""
     CONFIG = 78
     """The configuration is wrong (sysexits EX_CONFIG): restarting cannot help.
 
@@ -56,6 +59,7 @@ _EXIT_REASONS = {
     ExitCode.ENGINE_DEAD: "engine dead",
     ExitCode.UNHEALTHY: "engine hung (canary failed)",
     ExitCode.CHECKPOINTED: "checkpoint taken",
+    ExitCode.SERVICE_FAILED: "service failed",
     ExitCode.CONFIG: "bad config",
 }
 
@@ -72,10 +76,13 @@ class WorkerState(enum.StrEnum):
 
 
 class Route:
-    """HTTP routes of a worker that are ours (vLLM's OpenAI routes are vLLM's)."""
+    """HTTP routes that are ours (a worker's OpenAI routes are vLLM's)."""
 
     HEALTH = "/health"
     METRICS = "/metrics"
+    # The supervisor's
+    STATUS = "/status"
+    HEALTHZ = "/healthz"
 
 
 class Env:
@@ -88,6 +95,8 @@ class Env:
     CANARY_WAIT_TIME = "DYN_CANARY_WAIT_TIME"
     CANARY_REQUEST_TIMEOUT = "DYN_HEALTH_CHECK_REQUEST_TIMEOUT"
     PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+    # Set by the supervisor for its workers: the process that must outlive them.
+    SUPERVISOR_PID = "DYNAMO_VLLM_SUPERVISOR_PID"
     # Set for every engine process: no telemetry leaves the machine, and vLLM's message
     # queue binds to loopback unless the operator says otherwise.
     ENGINE_DEFAULTS: Final[Mapping[str, str]] = MappingProxyType({

@@ -32,7 +32,7 @@ from .status import WorkerStatus
 
 log = logging.getLogger(__name__)
 
-# A hung engine will not shut down gracefully; do not wait the full shutdown timeout.
+# After a hung engine's processes are killed, its front-end needs only moments to let go.
 HUNG_ENGINE_SHUTDOWN_S = 5.0
 
 
@@ -134,15 +134,23 @@ class Worker:
             raise EngineStartError(reason) from exc
 
         try:
-            return await self._serve(engine, load_seconds, args, app, server, serve_task)
+            await self._serve(engine, load_seconds, args, app, server, serve_task)
         finally:
+            code = self.exit_code or ExitCode.STOPPED
+            # On a failure the server stays up while the engine shuts down, so /health
+            # tells the supervisor "dead" or "unhealthy" instead of refusing connections.
             timeout = config.health.shutdown_timeout
-            if self.exit_code is ExitCode.UNHEALTHY:
-                timeout = min(timeout or HUNG_ENGINE_SHUTDOWN_S, HUNG_ENGINE_SHUTDOWN_S)
+            if code is ExitCode.UNHEALTHY:
+                # A hung engine cannot shut down gracefully (a stopped process does not even
+                # see SIGTERM): kill its processes first, then release the front-end.
+                await asyncio.to_thread(kill_all, descendants(), 0.5)
+                timeout = HUNG_ENGINE_SHUTDOWN_S
             await asyncio.to_thread(shutdown_engine, engine, timeout)
+            await self._stop_server(server, serve_task, force=True)
+        return code
 
     async def _serve(self, engine: Any, load_seconds: float, args: Any, app: WorkerApp,
-                     server: Any, serve_task: asyncio.Task[None]) -> ExitCode:
+                     server: Any, serve_task: asyncio.Task[None]) -> None:
         from vllm import SamplingParams
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.app import build_app
@@ -192,13 +200,16 @@ class Worker:
             stop_wait.cancel()
             for watcher in watchers:
                 watcher.cancel()
-            code = self.exit_code or ExitCode.STOPPED
-            await self._stop_server(server, serve_task, force=code is not ExitCode.STOPPED)
-        return code
+            if self.exit_code is ExitCode.STOPPED:
+                # Let requests in flight finish while vLLM's app still stands.
+                await self._stop_server(server, serve_task, force=False)
+            app.inner = None  # vLLM's app is torn down with its lifespan below
 
     async def _stop_server(self, server: Any, serve_task: asyncio.Task[None],
                            force: bool) -> None:
         """Stop accepting; a graceful stop lets requests in flight finish (drain_timeout)."""
+        if serve_task.done():
+            return
         server.should_exit = True
         if force:
             server.force_exit = True

@@ -113,7 +113,7 @@ def overhead(model: Path, tmp: Path, rounds: int, requests: int, concurrency: in
     for label, fn in rows:
         a, b = agg("worker", fn), agg("vllm", fn)
         ratio = f"{a / b:.3f}" if b else "-"
-        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {ratio} |")
+        lines.append(f"| {label} | {a:.2f} | {b:.2f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -65,6 +65,84 @@ def worker(config_file: str, index: int, debug: bool) -> None:
     run(str(config_path_for(config_file)), index, debug)
 
 
+def instance_name(target: str) -> str:
+    return Path(target).stem if target.endswith(".toml") or "/" in target else target
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--config", "config_file", metavar="FILE",
+              help="Config file (instead of NAME, which reads /etc/dynamo-vllm/NAME.toml).")
+@click.option("--runtime-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Private directory for metric files and the effective config "
+                   "(default: $RUNTIME_DIRECTORY, set by systemd).")
+@click.option("--debug", is_flag=True, help="Debug logging.")
+def run(name: str | None, config_file: str | None, runtime_dir: Path | None,
+        debug: bool) -> None:
+    """Run the supervisor in the foreground: the systemd unit's ExecStart.
+
+    Spawns the configured workers, restarts what dies or hangs, speaks sd_notify (READY,
+    STATUS, WATCHDOG, EXTEND_TIMEOUT_USEC, RELOADING on SIGHUP, STOPPING) and serves
+    /metrics, /status and /healthz on metrics.host:metrics.port. SIGTERM stops gracefully.
+    """
+    import asyncio
+
+    from dynamo_vllm.agent import logs
+    from dynamo_vllm.agent.protocol import Env
+
+    target = config_file or name
+    if not target:
+        raise click.UsageError("give an instance NAME or --config FILE")
+    # prometheus_client picks multiprocess mode at import: the supervisor's own metrics
+    # must stay in memory, whatever the environment says.
+    os.environ.pop(Env.PROMETHEUS_MULTIPROC_DIR, None)
+    path = config_path_for(target)
+    cfg = load_or_exit(target)
+    instance = instance_name(target)
+    logs.setup("debug" if debug else cfg.logging.level, name=f"dynamo-vllm@{instance}")
+    from dynamo_vllm.supervisor.daemon import StartupError, Supervisor
+    from dynamo_vllm.supervisor.runtime_dir import RuntimeDirError, private_runtime_dir
+
+    try:
+        runtime = private_runtime_dir(instance, runtime_dir)
+        code = asyncio.run(Supervisor(cfg, runtime, path).run())
+    except (StartupError, RuntimeDirError) as exc:
+        click.echo(f"config error: {exc}", err=True)
+        sys.exit(ExitCode.CONFIG)
+    sys.exit(int(code))
+
+
+@main.command()
+@click.argument("target", metavar="NAME|FILE")
+@click.option("--json", "as_json", is_flag=True, help="The supervisor's /status, as JSON.")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
+def status(target: str, as_json: bool, timeout: float) -> None:
+    """Show a running instance's workers: pid, port, state, restarts, last exit, uptime."""
+    import urllib.error
+    import urllib.request
+
+    cfg = load_or_exit(target, check_paths=False)
+    url = f"http://{cfg.metrics.host}:{cfg.metrics.port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            data = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        click.echo(f"{target}: no supervisor answers at {url}: {exc}", err=True)
+        sys.exit(3)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{data.get('instance')}: {data.get('status')}")
+    header = f"{'WORKER':>6}  {'PID':>8}  {'PORT':>5}  {'STATE':<10} {'RESTARTS':>8}  " \
+             f"{'UPTIME':>8}  LAST EXIT"
+    click.echo(header)
+    for w in data.get("workers", []):
+        uptime = f"{w['uptime_s']:.0f}s" if w.get("uptime_s") is not None else "-"
+        click.echo(f"{w['worker']:>6}  {w.get('pid') or '-':>8}  {w['port']:>5}  "
+                   f"{w['state']:<10} {w['restarts']:>8}  {uptime:>8}  "
+                   f"{w.get('failed_reason') or w.get('last_exit') or '-'}")
+
+
 @main.command("tiny-model")
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import re
 import signal
@@ -116,27 +115,26 @@ def test_engine_metrics_have_labels_and_move(worker: WorkerProcess) -> None:
     def tokens(text: str) -> float:
         return sum(v for _, v in metric_samples(text, "vllm:generation_tokens_total"))
 
-    # Requests in flight must show up in the running gauge and the KV usage.
-    seen: dict[str, float] = {"running": 0.0, "usage": 0.0}
-
-    def send() -> int:
-        return httpx.post(worker.base + "/v1/completions", timeout=60, json={
-            "model": "tiny", "prompt": "hello", "max_tokens": 400,
-            "ignore_eos": True}).status_code
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(send) for _ in range(8)]
-        while not all(f.done() for f in futures):
-            text = httpx.get(worker.base + "/metrics", timeout=10).text
-            for _, value in metric_samples(text, "dynamo_component_requests_running"):
-                seen["running"] = max(seen["running"], value)
-            for _, value in metric_samples(text, "dynamo_component_gpu_cache_usage_percent"):
-                seen["usage"] = max(seen["usage"], value)
-        assert all(f.result() == 200 for f in futures)
-    assert seen["running"] >= 1
-    assert 0 < seen["usage"] <= 1
+    # Requests in flight must show up in the running gauge and the KV usage: scrape while
+    # two long streams are mid-generation (each has sent its first token, not its last).
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 450, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(timeout=60) as client, \
+            client.stream("POST", worker.base + "/v1/completions", json=body) as first, \
+            client.stream("POST", worker.base + "/v1/completions", json=body) as second:
+        lines = [first.iter_lines(), second.iter_lines()]
+        for stream in lines:
+            assert next(line for line in stream if line.startswith("data: "))
+        during = client.get(worker.base + "/metrics").text
+        for stream in lines:
+            for _ in stream:
+                pass
+    running = metric_samples(during, "dynamo_component_requests_running")[0][1]
+    usage = metric_samples(during, "dynamo_component_gpu_cache_usage_percent")[0][1]
+    assert running >= 1, during
+    assert 0 < usage <= 1
     after = httpx.get(worker.base + "/metrics", timeout=10).text
-    assert tokens(after) >= tokens(before) + 8 * 400
+    assert tokens(after) >= tokens(before) + 2 * 450
 
 
 def test_canary_runs_when_idle(worker: WorkerProcess) -> None:

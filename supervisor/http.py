@@ -1,0 +1,84 @@
+"""The supervisor's local HTTP endpoint: /metrics, /status and /healthz.
+
+A `ThreadingHTTPServer` in a daemon thread, so a slow scrape never stalls the main loop
+(which must keep pinging the watchdog). It only reads: a status snapshot the main loop
+replaces whole on every tick, and the metrics registry. Loopback by default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from dynamo_vllm.agent.protocol import Route
+
+log = logging.getLogger(__name__)
+
+
+class StatusServer:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 snapshot: Callable[[], dict[str, Any]]):
+        self.registry = registry
+        self.snapshot = snapshot
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "dynamo-vllm"
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                try:
+                    if path == Route.METRICS:
+                        self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
+                    elif path == Route.STATUS:
+                        self._send_json(200, server.snapshot())
+                    elif path == Route.HEALTHZ:
+                        status = server.snapshot()
+                        self._send_json(200 if status.get("ready") else 503,
+                                        {"ready": status.get("ready"),
+                                         "status": status.get("status")})
+                    else:
+                        self._send_json(404, {"error": f"no route {path}; try /metrics, "
+                                                       "/status or /healthz"})
+                except Exception as exc:
+                    log.exception("error answering %s", path)
+                    self._send_json(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+            def do_POST(self) -> None:
+                self._send_json(405, {"error": "this endpoint only reads (GET)"})
+
+            def _send_json(self, code: int, body: Any) -> None:
+                self._send(code, json.dumps(body).encode(), "application/json")
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("%s " + format, self.address_string(), *args)
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="status-http",
+                                       daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,53 @@
+"""Where an instance keeps its private runtime files (metric files, the effective config)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+
+class RuntimeDirError(Exception):
+    pass
+
+
+def _candidates(instance: str) -> list[Path]:
+    found: list[Path] = []
+    systemd = os.environ.get("RUNTIME_DIRECTORY")
+    if systemd:  # RuntimeDirectory= in the unit; may list several, colon-separated
+        found.append(Path(systemd.split(":")[0]))
+    if os.geteuid() == 0:
+        found.append(Path("/run/dynamo-vllm") / instance)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        found.append(Path(xdg) / "dynamo-vllm" / instance)
+    found.append(Path(f"/tmp/dynamo-vllm-{os.geteuid()}") / instance)
+    return found
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (mode 0700) or accept it only if it is ours, private and no symlink."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise RuntimeDirError(f"{path}: not a directory (symlinks are refused)")
+    if info.st_uid != os.geteuid():
+        raise RuntimeDirError(f"{path}: owned by uid {info.st_uid}, not by this user")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_runtime_dir(instance: str, given: Path | None = None) -> Path:
+    if given is not None:
+        return ensure_private_dir(given)
+    errors = []
+    for candidate in _candidates(instance):
+        try:
+            return ensure_private_dir(candidate)
+        except (OSError, RuntimeDirError) as exc:
+            errors.append(f"{candidate}: {exc}")
+    raise RuntimeDirError("no usable runtime directory: " + "; ".join(errors))

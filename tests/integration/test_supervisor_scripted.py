@@ -1,0 +1,99 @@
+"""The supervisor against scripted workers: restart, backoff and give-up logic, fast.
+
+A script stands in for the workers' interpreter (`workers.python`), so these tests prove
+the supervisor's decisions; the engine tests prove the real thing.
+"""
+
+from __future__ import annotations
+
+import socket
+import stat
+from pathlib import Path
+
+from dynamo_vllm.agent.protocol import ExitCode
+from tests.support import SupervisorProcess, free_port, write_config
+
+
+def fake_python(tmp: Path, body: str) -> Path:
+    script = tmp / "fake-python"
+    script.write_text(f"#!/bin/sh\necho started >> {tmp}/starts\n{body}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def scripted_config(tmp: Path, python: Path, metrics_port: int, **workers: object) -> Path:
+    model = tmp / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    config = {
+        "model": {"path": str(model), "served_name": "fake"},
+        "workers": {"count": 1, "base_port": free_port(), "python": str(python),
+                    "restart_backoff": 0.1, "restart_backoff_max": 0.4,
+                    "crash_loop_restarts": 3, "crash_loop_window": 60.0, **workers},
+        "health": {"poll_interval": 0.3, "poll_timeout": 1.0},
+        "metrics": {"port": metrics_port},
+    }
+    return write_config(tmp / "fake.toml", config)
+
+
+def starts(tmp: Path) -> int:
+    path = tmp / "starts"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_crash_loop_is_given_up(tmp_path: Path) -> None:
+    port = free_port()
+    supervisor = SupervisorProcess(
+        scripted_config(tmp_path, fake_python(tmp_path, "exit 3"), port), tmp_path, port)
+    try:
+        assert supervisor.proc.wait(60) == ExitCode.SERVICE_FAILED, supervisor.log()
+        assert starts(tmp_path) == 4  # the first life and 3 restarts
+        statuses = [f for f in supervisor.notify.fields() if f.startswith("STATUS=")]
+        assert any("given up: crash loop" in s for s in statuses), statuses
+        assert "READY=1" not in supervisor.notify.fields()
+        assert supervisor.notify.fields()[-2:] == ["STOPPING=1", "STATUS=stopping 1 worker(s)"]
+    finally:
+        supervisor.cleanup()
+
+
+def test_config_exit_is_not_restarted(tmp_path: Path) -> None:
+    port = free_port()
+    supervisor = SupervisorProcess(
+        scripted_config(tmp_path, fake_python(tmp_path, "exit 78"), port), tmp_path, port)
+    try:
+        assert supervisor.proc.wait(30) == ExitCode.CONFIG, supervisor.log()
+        assert starts(tmp_path) == 1
+        assert "bad config" in supervisor.log()
+    finally:
+        supervisor.cleanup()
+
+
+def test_worker_that_never_serves_is_killed_after_start_timeout(tmp_path: Path) -> None:
+    port = free_port()
+    config = scripted_config(tmp_path, fake_python(tmp_path, "exec sleep 600"), port,
+                             start_timeout=1.0, crash_loop_restarts=1)
+    supervisor = SupervisorProcess(config, tmp_path, port)
+    try:
+        assert supervisor.proc.wait(60) == ExitCode.SERVICE_FAILED, supervisor.log()
+        assert starts(tmp_path) == 2
+        assert "start_timeout" in supervisor.log()
+        supervisor.remember_children()
+        assert supervisor.alive_leftovers() == []
+    finally:
+        supervisor.cleanup()
+
+
+def test_port_conflict_is_found_before_spawning(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        config = scripted_config(tmp_path, fake_python(tmp_path, "exit 0"), port,
+                                 base_port=taken.getsockname()[1])
+        supervisor = SupervisorProcess(config, tmp_path, port)
+        try:
+            assert supervisor.proc.wait(30) == ExitCode.CONFIG, supervisor.log()
+            assert "workers.base_port: in use" in supervisor.log()
+            assert starts(tmp_path) == 0
+        finally:
+            supervisor.cleanup()
