@@ -17,7 +17,7 @@ import tempfile
 from typing import NoReturn
 
 from . import logs
-from .config import ConfigError, load
+from .config import Config, ConfigError, load
 from .protocol import Env, ExitCode
 
 log = logging.getLogger("dynamo_vllm.worker")
@@ -87,12 +87,12 @@ def run(config_path: str, index: int = 0, debug: bool = False) -> NoReturn:
     _exit(code)
 
 
-def _run_worker(config: object, index: int, debug: bool) -> int:
-    from .config import Config
+def _run_worker(config: Config, index: int, debug: bool) -> int:
+    # Imported only now: they import prometheus_client, and the metrics directory had to
+    # be set first.
     from .server import PortInUse
     from .worker import EngineConfigError, EngineStartError, Worker, refused_engine_key
 
-    assert isinstance(config, Config)
     try:
         return int(asyncio.run(Worker(config, index).run()))
     except EngineConfigError as exc:

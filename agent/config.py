@@ -95,6 +95,8 @@ class WorkersSection:
                                  "(0: all of them).", _non_negative)
     drain_timeout: float = _setting(30.0, "Seconds a stopping worker lets requests in flight "
                                           "finish before it stops the engine.", _non_negative)
+    control_from_network: bool = _setting(False, "Let clients that are not on loopback call "
+                                                 "the control routes (/engine/sleep...).")
     stop_timeout: float = _setting(90.0, "Seconds the supervisor waits for a stopping worker "
                                          "before it kills its process group.", _positive)
     start_timeout: float = _setting(900.0, "Seconds a worker may take to serve before it "
@@ -158,6 +160,34 @@ class MetricsSection:
                                             "replace the automatic ones.", _labels)
 
 
+def _discovery_backend(value: Any) -> str | None:
+    if value == "etcd":
+        return "the etcd backend is not available in this version; use \"file\""
+    return None if value in ("file", "none") else 'must be "file" or "none"'
+
+
+def _sleep_inflight(value: Any) -> str | None:
+    return None if value in ("drain", "abort") else 'must be "drain" or "abort"'
+
+
+@dataclass(frozen=True)
+class DiscoverySection:
+    backend: str = _setting("file", "Where serving workers are published: \"file\" (one JSON "
+                                    "document per worker) or \"none\".", _discovery_backend)
+    path: str = _setting("", "Directory of the file backend's records (default: "
+                             "<runtime dir>/endpoints).")
+
+
+@dataclass(frozen=True)
+class SleepSection:
+    inflight: str = _setting("drain", "Requests in flight when a worker goes to sleep: "
+                                      "\"drain\" (finish within drain_timeout, then abort the "
+                                      "rest) or \"abort\" (abort at once, with an error).",
+                             _sleep_inflight)
+    drain_timeout: float = _setting(30.0, "Seconds requests in flight get before sleep aborts "
+                                          "them.", _non_negative)
+
+
 @dataclass(frozen=True)
 class LoggingSection:
     level: str = _setting("info", "debug, info, warning or error.", _log_level)
@@ -169,6 +199,8 @@ SECTIONS: dict[str, type] = {
     "health": HealthSection,
     "watchdog": WatchdogSection,
     "metrics": MetricsSection,
+    "discovery": DiscoverySection,
+    "sleep": SleepSection,
     "logging": LoggingSection,
 }
 
@@ -189,6 +221,8 @@ class Config:
     health: HealthSection
     watchdog: WatchdogSection
     metrics: MetricsSection
+    discovery: DiscoverySection
+    sleep: SleepSection
     logging: LoggingSection
     engine: dict[str, Any]
     """vLLM engine arguments, passed through as `--key value` (vLLM validates them)."""

@@ -80,9 +80,14 @@ class Route:
 
     HEALTH = "/health"
     METRICS = "/metrics"
+    ENGINE_SLEEP = "/engine/sleep"
+    ENGINE_WAKE = "/engine/wake_up"
+    ENGINE_IS_SLEEPING = "/engine/is_sleeping"
+    ENGINE_CLEAR_KV = "/engine/clear_kv_blocks"
     # The supervisor's
     STATUS = "/status"
     HEALTHZ = "/healthz"
+    ENDPOINTS = "/endpoints"
 
 
 class Env:
@@ -95,8 +100,11 @@ class Env:
     CANARY_WAIT_TIME = "DYN_CANARY_WAIT_TIME"
     CANARY_REQUEST_TIMEOUT = "DYN_HEALTH_CHECK_REQUEST_TIMEOUT"
     PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
-    # Set by the supervisor for its workers: the process that must outlive them.
+    # Set by the supervisor for its workers: the process that must outlive them, the
+    # instance's name, and where the file discovery backend keeps its records.
     SUPERVISOR_PID = "DYNAMO_VLLM_SUPERVISOR_PID"
+    INSTANCE = "DYNAMO_VLLM_INSTANCE"
+    DISCOVERY_DIR = "DYNAMO_VLLM_DISCOVERY_DIR"
     # Set for every engine process: no telemetry leaves the machine, and vLLM's message
     # queue binds to loopback unless the operator says otherwise.
     ENGINE_DEFAULTS: Final[Mapping[str, str]] = MappingProxyType({

@@ -19,6 +19,8 @@ from typing import Any
 
 import uvicorn
 
+from .control import MAX_BODY, ROUTES, ControlRoutes
+from .lifecycle import error
 from .protocol import Route, WorkerState
 from .status import WorkerStatus
 
@@ -69,6 +71,19 @@ async def _drain_body(receive: Receive) -> None:
         message = await receive()
 
 
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None when it is larger than `limit`."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks) if size <= limit else None
+
+
 def unavailable_body(state: WorkerState, reason: str) -> dict[str, Any]:
     # Shaped like vLLM's OpenAI errors, so clients parse it the same way.
     return {"error": {"message": f"worker is {state.value}: {reason}",
@@ -78,13 +93,17 @@ def unavailable_body(state: WorkerState, reason: str) -> dict[str, Any]:
 class WorkerApp:
     """ASGI app: `/health` is ours; everything else goes to vLLM's app once it serves."""
 
-    def __init__(self, status: WorkerStatus, identity: dict[str, Any]):
+    def __init__(self, status: WorkerStatus, identity: dict[str, Any], control: ControlRoutes):
         self.status = status
         self.identity = identity
+        self.control = control
         self.inner: ASGIApp | None = None
 
     def health_body(self) -> dict[str, Any]:
-        return {**self.identity, **self.status.as_dict(), "pid": os.getpid()}
+        body = {**self.identity, **self.status.as_dict(), "pid": os.getpid()}
+        if self.control.controller is not None:
+            body["sleep"] = self.control.controller.describe()
+        return body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -95,6 +114,9 @@ class WorkerApp:
             code = 200 if self.status.serving else 503
             await send_json(send, code, self.health_body())
             return
+        if scope["type"] == "http" and path in ROUTES:
+            await self._control(scope, receive, send, path)
+            return
         state = self.status.state
         if self.inner is not None and (state is WorkerState.SERVING or path in _ALWAYS_OPEN):
             await self.inner(scope, receive, send)
@@ -104,6 +126,21 @@ class WorkerApp:
         await _drain_body(receive)
         await send_json(send, 503, unavailable_body(state, self.status.reason),
                         headers={"Retry-After": "5"})
+
+
+    async def _control(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        raw = await _read_body(receive, MAX_BODY)
+        if raw is None:
+            code, body = error(413, f"the body is larger than {MAX_BODY} bytes")
+        else:
+            client = scope.get("client")
+            try:
+                code, body = await self.control.handle(scope["method"], path, raw,
+                                                       client[0] if client else None)
+            except Exception as exc:  # the engine failed under us: say so, in JSON
+                log.exception("%s failed", path)
+                code, body = error(500, f"{type(exc).__name__}: {exc}")
+        await send_json(send, code, body)
 
 
 class Server(uvicorn.Server):

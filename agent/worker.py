@@ -10,11 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import signal
+from pathlib import Path
 from typing import Any
 
 from .canary import Canary
 from .config import Config
+from .control import ControlRoutes
+from .discovery import Discovery, EndpointRecord, NoDiscovery
+from .discovery.file import FileDiscovery
 from .engine import (
     EngineConfigError,
     engine_args_from,
@@ -22,10 +28,11 @@ from .engine import (
     start_engine,
     start_failure_reason,
 )
+from .lifecycle import SleepController
 from .metrics import EngineGauges, merge_labels
 from .monitor import EngineMonitor
 from .processes import descendants, kill_all, shutdown_engine
-from .protocol import ExitCode, Label, WorkerState
+from .protocol import Env, ExitCode, Label, WorkerState
 from .publisher import StatLoggerFactory
 from .server import WorkerApp, bind_socket, make_server
 from .status import WorkerStatus
@@ -55,6 +62,34 @@ class Worker:
         }, config.metric_labels)
         self.gauges = EngineGauges(self.labels)
         self._stop = asyncio.Event()
+        self.instance = os.environ.get(Env.INSTANCE) or config.served_name
+        self.discovery = self._discovery()
+        self.control = ControlRoutes(allow_remote=config.workers.control_from_network)
+
+    def _discovery(self) -> Discovery:
+        settings = self.config.discovery
+        directory = settings.path or os.environ.get(Env.DISCOVERY_DIR, "")
+        if settings.backend == "none" or not directory:
+            if settings.backend != "none":
+                log.info("no discovery directory (discovery.path, or run by the supervisor): "
+                         "this worker is not published")
+            return NoDiscovery()
+        return FileDiscovery(Path(directory), self.instance, self.index)
+
+    def _record(self) -> EndpointRecord:
+        return EndpointRecord(instance=self.instance, worker=self.index,
+                              host=self.config.workers.host, port=self.port,
+                              model=self.config.served_name, state=self.status.state.value,
+                              pid=os.getpid())
+
+    async def register(self) -> None:
+        await self.discovery.register(self._record())
+
+    async def unregister(self) -> None:
+        try:
+            await self.discovery.unregister()
+        except Exception as exc:  # never let discovery stop a shutdown
+            log.error("unregistering from discovery failed: %s", exc)
 
     def _set_state(self, state: WorkerState, reason: str) -> None:
         self.status.set(state, reason)
@@ -94,7 +129,7 @@ class Worker:
         sock = bind_socket(config.workers.host, self.port)
         self.gauges.set_state(WorkerState.LOADING)
         identity = {"model": config.served_name, "worker": self.index, "port": self.port}
-        app = WorkerApp(self.status, identity)
+        app = WorkerApp(self.status, identity, self.control)
         server = make_server(app, config.logging.level, config.workers.drain_timeout)
         serve_task = asyncio.create_task(server.serve(sockets=[sock]))
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -171,8 +206,14 @@ class Worker:
             app.inner = vllm_app
             self.gauges.model_load_time.labels(**self.labels).set(load_seconds)
             self.status.progressed()
+            self.control.engine = engine
+            self.control.controller = SleepController(
+                engine, self.status, self._set_state, self.register, self.unregister,
+                inflight=config.sleep.inflight, drain_timeout=config.sleep.drain_timeout,
+                memory_release=bool(getattr(engine.model_config, "enable_sleep_mode", False)))
             if self.exit_code is None:
                 self._set_state(WorkerState.SERVING, f"serving {config.served_name}")
+                await self.register()
             log.info("worker %d serving %s at http://%s:%d/v1 (engine started in %.1f s)",
                      self.index, config.served_name, config.workers.host, self.port, load_seconds)
 
@@ -198,6 +239,8 @@ class Worker:
             if not self._stop.is_set():
                 self.fail(ExitCode.UNHEALTHY, "the HTTP server stopped unexpectedly")
             stop_wait.cancel()
+            # Out of discovery first, so no new request is routed here while we go.
+            await self.unregister()
             for watcher in watchers:
                 watcher.cancel()
             if self.exit_code is ExitCode.STOPPED:
@@ -253,7 +296,9 @@ def _bos_token_id(engine: Any) -> int | None:
 def refused_engine_key(config: Config, message: str) -> str:
     """Name the `engine.*` key behind a vLLM refusal, when the message names its flag."""
     for key in config.engine:
-        if f"--{key.replace('_', '-')}" in message or f"{key}" in message:
+        flag = "--" + key.replace("_", "-")
+        if re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message) or \
+                re.search(rf"\b{re.escape(key)}\b", message):
             return f"engine.{key}"
     return "engine"
 

