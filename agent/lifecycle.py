@@ -39,8 +39,10 @@ class SleepController:
                  set_state: Callable[[WorkerState, str], None],
                  register: Callable[[], Awaitable[None]],
                  unregister: Callable[[], Awaitable[None]],
-                 inflight: str, drain_timeout: float, memory_release: bool):
+                 inflight: str, drain_timeout: float, memory_release: bool,
+                 admitted: Callable[[], int] = lambda: 0):
         self.engine = engine
+        self.admitted = admitted
         self.status = status
         self.set_state = set_state
         self.register = register
@@ -61,14 +63,18 @@ class SleepController:
                 "asleep_tags": sorted(self.asleep_tags),
                 "memory_release_supported": self.memory_release}
 
+    def _in_flight(self) -> int:
+        # Admitted by the HTTP front (possibly not yet in the engine), or in the engine.
+        return max(int(self.admitted()), int(self.engine.get_num_unfinished_requests()))
+
     async def _drain(self) -> int:
         """Wait for requests in flight (drain mode), then abort what is left. Returns how
         many were aborted."""
         if self.inflight == "drain" and self.drain_timeout > 0:
             deadline = time.monotonic() + self.drain_timeout
-            while self.engine.get_num_unfinished_requests() and time.monotonic() < deadline:
+            while self._in_flight() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-        left = int(self.engine.get_num_unfinished_requests())
+        left = self._in_flight()
         # Aborted requests end with finish_reason "abort": an explicit error, never silence.
         await self.engine.pause_generation(mode="abort", clear_cache=False)
         return left

@@ -98,6 +98,9 @@ class WorkerApp:
         self.identity = identity
         self.control = control
         self.inner: ASGIApp | None = None
+        # Requests handed to vLLM's app and not yet answered (streams until their end). A
+        # request can be admitted here before vLLM's engine knows of it: sleep drains both.
+        self.inflight = 0
 
     def health_body(self) -> dict[str, Any]:
         body = {**self.identity, **self.status.as_dict(), "pid": os.getpid()}
@@ -118,8 +121,15 @@ class WorkerApp:
             await self._control(scope, receive, send, path)
             return
         state = self.status.state
-        if self.inner is not None and (state is WorkerState.SERVING or path in _ALWAYS_OPEN):
+        if self.inner is not None and path in _ALWAYS_OPEN:
             await self.inner(scope, receive, send)
+            return
+        if self.inner is not None and state is WorkerState.SERVING:
+            self.inflight += 1
+            try:
+                await self.inner(scope, receive, send)
+            finally:
+                self.inflight -= 1
             return
         if scope["type"] != "http":
             return

@@ -210,7 +210,8 @@ class Worker:
             self.control.controller = SleepController(
                 engine, self.status, self._set_state, self.register, self.unregister,
                 inflight=config.sleep.inflight, drain_timeout=config.sleep.drain_timeout,
-                memory_release=bool(getattr(engine.model_config, "enable_sleep_mode", False)))
+                memory_release=bool(getattr(engine.model_config, "enable_sleep_mode", False)),
+                admitted=lambda: app.inflight)
             if self.exit_code is None:
                 self._set_state(WorkerState.SERVING, f"serving {config.served_name}")
                 await self.register()

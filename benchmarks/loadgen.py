@@ -6,6 +6,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -56,6 +57,18 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+async def _sse_data(resp: httpx.Response) -> AsyncIterator[str]:
+    # Split on "\n" only: aiter_lines also splits on U+2028 and the like, which a model may
+    # generate inside a JSON string.
+    buffer = ""
+    async for text in resp.aiter_text():
+        buffer += text
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            if line.startswith("data: "):
+                yield line[len("data: "):]
+
+
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str,
                max_tokens: int) -> RequestResult:
     result = RequestResult()
@@ -67,10 +80,10 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str,
             if resp.status_code != 200:
                 result.error = f"HTTP {resp.status_code}"
                 return result
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for data in _sse_data(resp):
+                if data == "[DONE]":
                     continue
-                chunk = json.loads(line[6:])
+                chunk = json.loads(data)
                 if not chunk.get("choices") or not chunk["choices"][0].get("text"):
                     continue
                 now = time.perf_counter()

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +232,20 @@ class SupervisorProcess(ProcessTree):
     def cleanup(self) -> None:
         super().cleanup()
         self.notify.close()
+
+
+def sse_data(resp: httpx.Response) -> Iterator[str]:
+    """The `data:` payloads of a server-sent event stream.
+
+    Split on "\\n" only: httpx's iter_lines also splits on characters such as U+2028 and
+    \\x1c, which a model may well generate inside a JSON string.
+    """
+    buffer = ""
+    for text in resp.iter_text():
+        buffer += text
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            if line.startswith("data: "):
+                yield line[len("data: "):]
+    if buffer.startswith("data: "):
+        yield buffer[len("data: "):]

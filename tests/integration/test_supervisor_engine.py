@@ -157,7 +157,12 @@ def test_stopped_worker_is_killed_and_restarted(supervisor: SupervisorProcess) -
                             "hung worker 1 replaced")
     wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                              for p in group), 20, what="the hung worker's group gone")
-    supervisor.wait_workers(serving, 180, "both serving again")
+    # The killed worker could not remove its discovery record: the supervisor did.
+    def old_record_gone() -> bool:
+        records = httpx.get(supervisor.base + "/endpoints", timeout=10).json()["endpoints"]
+        return all(r["pid"] != worker_pid for r in records)
+    wait_for(old_record_gone, 10, what="the killed worker's record removed")
+    supervisor.wait_workers(serving, 300, "both serving again")
     assert restarts(supervisor.metrics(), "1", "worker_hung") == 1
 
 
@@ -184,6 +189,31 @@ def test_reload_rolls_workers_one_at_a_time(supervisor: SupervisorProcess) -> No
     assert min(seen_serving) >= 1, seen_serving
     metrics = supervisor.metrics()
     assert restarts(metrics, "0", "engine_dead") == 1  # a requested roll is not a failure
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dynamo_vllm.supervisor.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sleep_and_wake_through_the_cli(supervisor: SupervisorProcess) -> None:
+    config = str(supervisor.config_path)  # type: ignore[attr-defined]
+    listed = cli("endpoints", config)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count("state=serving") == 2
+    slept = cli("sleep", config, "--worker", "1", "--level", "0")
+    assert slept.returncode == 0 and "worker 1: ok: asleep (level 0)" in slept.stdout, slept
+    status = supervisor.wait_workers(lambda ws: ws[1]["state"] == "sleeping", 20,
+                                     "worker 1 sleeping in /status")
+    assert status["ready"]  # asleep on purpose: not a failure
+    assert "asleep: worker 1" in status["status"]
+    assert cli("endpoints", config).stdout.count("state=serving") == 1
+    woke = cli("wake", config, "--worker", "1")
+    assert woke.returncode == 0 and "worker 1: ok: awake" in woke.stdout, woke
+    supervisor.wait_workers(serving, 20, "both serving again")
+    assert cli("endpoints", config).stdout.count("state=serving") == 2
 
 
 def test_sigterm_stops_everything(supervisor: SupervisorProcess) -> None:

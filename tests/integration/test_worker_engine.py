@@ -13,7 +13,14 @@ import openai
 import pytest
 
 from dynamo_vllm.agent.protocol import ExitCode
-from tests.support import WorkerProcess, engine_config, free_port, wait_for, write_config
+from tests.support import (
+    WorkerProcess,
+    engine_config,
+    free_port,
+    sse_data,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -72,9 +79,7 @@ def test_streaming_chat_with_httpx(worker: WorkerProcess) -> None:
         "stream": True, "ignore_eos": True,
     }) as resp:
         assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                chunks.append(line[len("data: "):])
+        chunks.extend(sse_data(resp))
     assert chunks[-1] == "[DONE]"
     deltas = [json.loads(c)["choices"][0]["delta"] for c in chunks[:-1]
               if json.loads(c)["choices"]]
@@ -122,9 +127,9 @@ def test_engine_metrics_have_labels_and_move(worker: WorkerProcess) -> None:
     with httpx.Client(timeout=60) as client, \
             client.stream("POST", worker.base + "/v1/completions", json=body) as first, \
             client.stream("POST", worker.base + "/v1/completions", json=body) as second:
-        lines = [first.iter_lines(), second.iter_lines()]
+        lines = [sse_data(first), sse_data(second)]
         for stream in lines:
-            assert next(line for line in stream if line.startswith("data: "))
+            assert next(stream)
         during = client.get(worker.base + "/metrics").text
         for stream in lines:
             for _ in stream:

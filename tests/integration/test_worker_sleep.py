@@ -11,7 +11,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import WorkerProcess, engine_config, free_port, wait_for, write_config
+from tests.support import (
+    WorkerProcess,
+    engine_config,
+    free_port,
+    sse_data,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -22,7 +29,10 @@ def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = free_port()
     config = engine_config(tiny_model, port,
                            discovery={"path": str(tmp / "endpoints")},
-                           sleep={"inflight": "drain", "drain_timeout": 30.0})
+                           sleep={"inflight": "drain", "drain_timeout": 60.0})
+    # One request at a time: queued requests keep the drain going for seconds, long enough
+    # to watch the order of events even on a busy 2-core machine.
+    config["engine"]["max_num_seqs"] = 1
     handle = WorkerProcess(write_config(tmp / "tiny.toml", config), port, tmp / "worker.log")
     handle.record = tmp / "endpoints" / "tiny-worker0.json"  # type: ignore[attr-defined]
     handle.wait_serving()
@@ -39,19 +49,20 @@ def post(worker: WorkerProcess, path: str, body: object = None, raw: bytes | Non
 
 
 def stream_completion(worker: WorkerProcess, results: list[dict], started: threading.Event) -> None:
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 450, "ignore_eos": True,
-            "stream": True}
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 500, "ignore_eos": True,
+            "stream": True, "temperature": 0}
     chunks, finish = 0, None
     with httpx.stream("POST", worker.base + "/v1/completions", json=body, timeout=120) as resp:
         status = resp.status_code
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        for data in sse_data(resp):
+            if data == "[DONE]":
                 continue
-            choice = json.loads(line[6:])["choices"][0]
+            choice = json.loads(data)["choices"][0]
             chunks += 1
             started.set()
             finish = choice.get("finish_reason") or finish
-    results.append({"status": status, "chunks": chunks, "finish": finish})
+    results.append({"status": status, "chunks": chunks, "finish": finish,
+                    "ended": time.monotonic()})
 
 
 def test_record_published_while_serving(worker: WorkerProcess) -> None:
@@ -86,34 +97,40 @@ def test_bad_wake_and_method(worker: WorkerProcess) -> None:
 def test_sleep_drains_in_flight_requests_then_wake(worker: WorkerProcess) -> None:
     record: Path = worker.record  # type: ignore[attr-defined]
     results: list[dict] = []
-    started = [threading.Event(), threading.Event()]
+    # One runs, the others wait in the engine's queue: all are in flight.
+    started = [threading.Event() for _ in range(8)]
     streams = [threading.Thread(target=stream_completion, args=(worker, results, s))
                for s in started]
     for thread in streams:
         thread.start()
-    for event in started:
-        assert event.wait(30)
-    answers: list[httpx.Response] = []
-    sleeper = threading.Thread(target=lambda: answers.append(post(worker, "/engine/sleep",
-                                                                  {"level": 1})))
+    wait_for(lambda: any(event.is_set() for event in started), 30, interval=0.01,
+             what="a first token")
+    answers: list[tuple[httpx.Response, float]] = []
+    sleeper = threading.Thread(target=lambda: answers.append(
+        (post(worker, "/engine/sleep", {"level": 1}), time.monotonic())))
     sleeper.start()
-    # Out of discovery first: the record is gone while the engine still finishes the streams.
-    wait_for(lambda: not record.exists(), 10, interval=0.01, what="record removed")
-    is_sleeping = httpx.get(worker.base + "/engine/is_sleeping", timeout=10).json()
-    assert is_sleeping["is_sleeping"] is False
+    wait_for(lambda: not record.exists(), 10, interval=0.005, what="record removed")
+    record_gone = time.monotonic()
     refused = httpx.post(worker.base + "/v1/completions", timeout=10,
                          json={"model": "tiny", "prompt": "x", "max_tokens": 2})
     assert refused.status_code == 503 and refused.headers["retry-after"]
     sleeper.join(90)
     for thread in streams:
         thread.join(90)
-    answer = answers[0].json()
-    assert answers[0].status_code == 200 and answer["status"] == "ok", answer
+    reply, replied_at = answers[0]
+    assert record_gone <= replied_at  # out of discovery before the engine was asleep
+    answer = reply.json()
+    assert reply.status_code == 200 and answer["status"] == "ok", answer
     assert answer["level"] == 1 and answer["aborted_requests"] == 0
     assert answer["memory_released"] is False and "cannot release memory" in answer["memory_note"]
-    # Drained: both streams ran to their full length.
-    assert [r["finish"] for r in results] == ["length", "length"], results
-    assert all(r["chunks"] >= 400 for r in results), results
+    # Drained before the engine slept: none aborted, every admitted stream at full length;
+    # a request that arrived after the sleep began got a 503, never a cut answer.
+    admitted_streams = [r for r in results if r["status"] == 200]
+    assert admitted_streams, results
+    assert all(r["finish"] == "length" for r in admitted_streams), results
+    assert all(r["status"] == 503 and r["chunks"] == 0 for r in results
+               if r["status"] != 200), results
+    assert all(r["chunks"] >= 450 for r in admitted_streams), results
     health = httpx.get(worker.base + "/health", timeout=10)
     assert health.status_code == 503 and health.json()["state"] == "sleeping"
     assert health.json()["sleep"]["is_sleeping"] is True
