@@ -118,17 +118,7 @@ def run(name: str | None, config_file: str | None, runtime_dir: Path | None,
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
 def status(target: str, as_json: bool, timeout: float) -> None:
     """Show a running instance's workers: pid, port, state, restarts, last exit, uptime."""
-    import urllib.error
-    import urllib.request
-
-    cfg = load_or_exit(target, check_paths=False)
-    url = f"http://{cfg.metrics.host}:{cfg.metrics.port}/status"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            data = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        click.echo(f"{target}: no supervisor answers at {url}: {exc}", err=True)
-        sys.exit(3)
+    data = _supervisor_get(target, "/status", timeout)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -160,6 +150,18 @@ def _request(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple
             return exc.code, {"status": "error", "message": str(exc)}
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return 0, {"status": "error", "message": f"no answer: {exc}"}
+
+
+def _supervisor_get(target: str, path: str, timeout: float) -> dict:
+    """GET one of the running supervisor's read-only routes; exit 3 when none answers."""
+    cfg = load_or_exit(target, check_paths=False)
+    url = f"http://{cfg.metrics.host}:{cfg.metrics.port}{path}"
+    code, data = _request(url, timeout=timeout)
+    if code != 200:
+        click.echo(f"{target}: no supervisor answers at {url}: "
+                   f"{data.get('message') or data.get('error') or data}", err=True)
+        sys.exit(3)
+    return data
 
 
 def _worker_urls(cfg: config_module.Config, worker: int | None) -> list[tuple[int, str]]:
@@ -209,11 +211,7 @@ def wake(target: str, worker: int | None, tags: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The supervisor's /endpoints, as JSON.")
 def endpoints(target: str, as_json: bool) -> None:
     """What discovery holds for an instance: the workers that serve."""
-    cfg = load_or_exit(target, check_paths=False)
-    code, data = _request(f"http://{cfg.metrics.host}:{cfg.metrics.port}/endpoints", timeout=5)
-    if code != 200:
-        click.echo(f"{target}: {data.get('message') or data}", err=True)
-        sys.exit(3)
+    data = _supervisor_get(target, "/endpoints", 5.0)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
