@@ -198,8 +198,12 @@ class Worker:
         if start_output_handler is not None:
             start_output_handler()
         tasks = await engine.get_supported_tasks()
+        # vLLM's build_app sets the root logger to ERROR, which would silence the worker's
+        # own INFO and WARNING lines (serving, canary failures) for the rest of its life.
+        root_level = logging.getLogger().level
         vllm_app = build_app(args, tasks, engine.model_config)
         await init_app_state(engine, vllm_app.state, args, tasks)
+        logging.getLogger().setLevel(root_level)
         vllm_app.state.server = _EngineErrorHook(self)
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(vllm_app.router.lifespan_context(vllm_app))

@@ -60,6 +60,8 @@ def test_health_goes_from_loading_to_serving(worker: WorkerProcess) -> None:
     code, body = worker.health() or (0, {})
     assert code == 200
     assert body["state"] == "serving" and body["model"] == "tiny" and body["worker"] == 0
+    # The worker's own INFO lines survive vLLM's start (its build_app lowers the root logger).
+    assert f"worker 0 serving tiny at http://127.0.0.1:{worker.port}/v1" in worker.log()
 
 
 def test_models_and_completions(worker: WorkerProcess) -> None:
