@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import glob
+from dynamo_vllm.agent.config_init import count_gpus
 
 
 def detect_gpus() -> list[int]:
     """Indices of the NVIDIA GPUs the driver exposes, without loading NVML."""
-    return list(range(len(glob.glob("/proc/driver/nvidia/gpus/*"))))
+    return list(range(count_gpus()))
 
 
 class GpuAssignmentError(ValueError):
