@@ -122,22 +122,27 @@ def test_engine_metrics_have_labels_and_move(worker: WorkerProcess) -> None:
     def tokens(text: str) -> float:
         return sum(v for _, v in metric_samples(text, "vllm:generation_tokens_total"))
 
-    # Requests in flight must show up in the running gauge and the KV usage: scrape while
-    # two long streams are mid-generation (each has sent its first token, not its last).
+    # Requests in flight must show up in the running gauge and the KV usage. The server
+    # generates without waiting for the client, so scrape until a scrape lands while the
+    # streams are still generating; a slow scrape on a loaded machine can miss one window.
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 450, "ignore_eos": True,
             "stream": True}
-    with httpx.Client(timeout=60) as client, \
-            client.stream("POST", worker.base + "/v1/completions", json=body) as first, \
-            client.stream("POST", worker.base + "/v1/completions", json=body) as second:
-        lines = [sse_data(first), sse_data(second)]
-        for stream in lines:
-            assert next(stream)
-        during = client.get(worker.base + "/metrics").text
-        for stream in lines:
-            for _ in stream:
-                pass
-    running = metric_samples(during, "dynamo_component_requests_running")[0][1]
-    usage = metric_samples(during, "dynamo_component_gpu_cache_usage_percent")[0][1]
+    running, usage, during = 0.0, 0.0, ""
+    with httpx.Client(timeout=60) as client:
+        for _attempt in range(5):
+            with client.stream("POST", worker.base + "/v1/completions", json=body) as first, \
+                    client.stream("POST", worker.base + "/v1/completions", json=body) as second:
+                lines = [sse_data(first), sse_data(second)]
+                for stream in lines:
+                    assert next(stream)
+                during = client.get(worker.base + "/metrics").text
+                for stream in lines:
+                    for _ in stream:
+                        pass
+            running = metric_samples(during, "dynamo_component_requests_running")[0][1]
+            usage = metric_samples(during, "dynamo_component_gpu_cache_usage_percent")[0][1]
+            if running >= 1:
+                break
     assert running >= 1, during
     assert 0 < usage <= 1
     after = httpx.get(worker.base + "/metrics", timeout=10).text
