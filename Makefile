@@ -64,6 +64,7 @@ test: lint typecheck
 bench: setup $(TINY_MODEL)/config.json
 	$(BIN)/python benchmarks/worker_bench.py --model $(TINY_MODEL)
 	$(BIN)/python benchmarks/supervisor_bench.py --model $(TINY_MODEL)
+	$(BIN)/python benchmarks/sleep_bench.py --model $(TINY_MODEL)
 
 clean:
 	rm -rf build dist $(TINY_MODEL) .mypy_cache .ruff_cache .pytest_cache

@@ -161,9 +161,22 @@ class MetricsSection:
 
 
 def _discovery_backend(value: Any) -> str | None:
-    if value == "etcd":
-        return "the etcd backend is not available in this version; use \"file\""
-    return None if value in ("file", "none") else 'must be "file" or "none"'
+    return None if value in ("file", "etcd", "none") else 'must be "file", "etcd" or "none"'
+
+
+DEFAULT_ETCD_ENDPOINT = "http://127.0.0.1:2379"
+
+
+def _etcd_endpoints(value: Any) -> str | None:
+    for endpoint in value:
+        if not re.match(r"^https?://[^/\s]+/?$", endpoint):
+            return f"{endpoint!r} is not an http(s)://host:port URL"
+    return None if value else "must list at least one endpoint"
+
+
+def _lease_ttl(value: Any) -> str | None:
+    # etcd grants at least 2 s; below 3 a single late keepalive loses the lease.
+    return None if 3 <= value <= 3600 else "must be from 3 to 3600 seconds"
 
 
 def _sleep_inflight(value: Any) -> str | None:
@@ -173,9 +186,21 @@ def _sleep_inflight(value: Any) -> str | None:
 @dataclass(frozen=True)
 class DiscoverySection:
     backend: str = _setting("file", "Where serving workers are published: \"file\" (one JSON "
-                                    "document per worker) or \"none\".", _discovery_backend)
+                                    "document per worker), \"etcd\" (keys under a lease) or "
+                                    "\"none\".", _discovery_backend)
     path: str = _setting("", "Directory of the file backend's records (default: "
                              "<runtime dir>/endpoints).")
+    etcd_endpoints: list[str] = _setting(None, "etcd client URLs (the v3 JSON gateway; "
+                                               "default http://127.0.0.1:2379); env "
+                                               "ETCD_ENDPOINTS overrides.", _etcd_endpoints)
+    etcd_prefix: str = _setting("/dynamo-vllm/v1/instances", "Key prefix of the etcd "
+                                "backend's records.")
+    lease_ttl: int = _setting(10, "Seconds a dead worker's etcd key outlives its last "
+                                  "keepalive.", _lease_ttl)
+
+    @property
+    def etcd_urls(self) -> list[str]:
+        return list(self.etcd_endpoints or [DEFAULT_ETCD_ENDPOINT])
 
 
 @dataclass(frozen=True)
@@ -186,6 +211,20 @@ class SleepSection:
                              _sleep_inflight)
     drain_timeout: float = _setting(30.0, "Seconds requests in flight get before sleep aborts "
                                           "them.", _non_negative)
+
+
+def _absolute_paths(value: Any) -> str | None:
+    for path in value:
+        if not os.path.isabs(path):
+            return f"{path!r} is not an absolute path"
+    return None
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    allowed_roots: list[str] = _setting(None, "Directories LoRA adapters may be loaded from at "
+                                              "run time (POST /v1/load_lora_adapter); empty: "
+                                              "loading at run time is off.", _absolute_paths)
 
 
 @dataclass(frozen=True)
@@ -201,6 +240,7 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsSection,
     "discovery": DiscoverySection,
     "sleep": SleepSection,
+    "lora": LoraSection,
     "logging": LoggingSection,
 }
 
@@ -223,6 +263,7 @@ class Config:
     metrics: MetricsSection
     discovery: DiscoverySection
     sleep: SleepSection
+    lora: LoraSection
     logging: LoggingSection
     engine: dict[str, Any]
     """vLLM engine arguments, passed through as `--key value` (vLLM validates them)."""
@@ -261,7 +302,8 @@ class Config:
 
 def _type_name(annotation: str) -> str:
     return {"int": "an integer", "float": "a number", "bool": "true or false",
-            "str": "a string", "list[int]": "a list of integers ≥ 0"}.get(annotation, "a table")
+            "str": "a string", "list[int]": "a list of integers ≥ 0",
+            "list[str]": "a list of strings"}.get(annotation, "a table")
 
 
 def _check_type(annotation: str, value: Any) -> bool:
@@ -277,6 +319,8 @@ def _check_type(annotation: str, value: Any) -> bool:
     if annotation == "list[int]":
         return isinstance(value, list) and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    if annotation == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     return isinstance(value, dict)
 
 
@@ -411,7 +455,17 @@ def apply_env(config: Config, environ: Mapping[str, str]) -> Config:
     health = replace(health, interval=interval, check_timeout=check_timeout,
                      shutdown_timeout=shutdown, canary_idle=canary_idle,
                      canary_timeout=canary_timeout, payload=payload)
-    return replace(config, health=health, warnings=tuple(warnings))
+    discovery = config.discovery
+    raw_etcd = environ.get(Env.ETCD_ENDPOINTS)
+    if raw_etcd and raw_etcd.strip():
+        urls = [u.strip() for u in raw_etcd.split(",") if u.strip()]
+        problem = _etcd_endpoints(urls)
+        if problem:
+            warnings.append(f"{Env.ETCD_ENDPOINTS}={raw_etcd!r}: {problem}; keeping "
+                            f"{', '.join(discovery.etcd_urls)}")
+        else:
+            discovery = replace(discovery, etcd_endpoints=urls)
+    return replace(config, health=health, discovery=discovery, warnings=tuple(warnings))
 
 
 def from_dict(raw: Mapping[str, Any], source: str = "", check_paths: bool = True) -> Config:

@@ -1,4 +1,4 @@
-"""The worker's control routes: sleep, wake, is_sleeping, clear_kv_blocks.
+"""The worker's control routes: sleep, wake, is_sleeping, clear_kv_blocks, LoRA load/unload.
 
 They change state, so by default they answer only clients on loopback, whatever address the
 worker listens on (`workers.control_from_network = true` opts in). Every answer is
@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from .lifecycle import SLEEP_LEVELS, WAKE_TAGS, Reply, SleepController, error, ok
+from .lora import AdapterRefused, LoraAdapters
 from .protocol import Route
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ ROUTES = {
     Route.ENGINE_WAKE: "POST",
     Route.ENGINE_IS_SLEEPING: "GET",
     Route.ENGINE_CLEAR_KV: "POST",
+    Route.LOAD_LORA: "POST",
+    Route.UNLOAD_LORA: "POST",
 }
 
 
@@ -81,10 +84,11 @@ def wake_tags(body: dict[str, Any]) -> list[str] | None:
 
 
 class ControlRoutes:
-    def __init__(self, allow_remote: bool):
+    def __init__(self, allow_remote: bool, lora: LoraAdapters):
         self.allow_remote = allow_remote
         self.controller: SleepController | None = None
         self.engine: Any = None
+        self.lora = lora
 
     async def handle(self, method: str, path: str, raw: bytes, client: str | None) -> Reply:
         if ROUTES[path] != method:
@@ -103,10 +107,25 @@ class ControlRoutes:
             if path == Route.ENGINE_IS_SLEEPING:
                 return ok("asleep" if self.controller.sleeping else "awake",
                           **self.controller.describe())
+            if path in (Route.LOAD_LORA, Route.UNLOAD_LORA):
+                return await self._lora(path, body)
             _only(body, set())
             return await self._clear_kv()
         except BadRequest as exc:
             return error(400, str(exc))
+        except AdapterRefused as exc:
+            return error(exc.code, str(exc))
+
+    async def _lora(self, path: str, body: dict[str, Any]) -> Reply:
+        assert self.controller is not None
+        # Under the sleep lock: an adapter never changes while the worker goes to sleep.
+        async with self.controller.lock:
+            if self.controller.sleeping or not self.controller.status.serving:
+                return error(409, f"adapters change only while serving; the worker is "
+                                  f"{self.controller.status.state.value}")
+            if path == Route.LOAD_LORA:
+                return await self.lora.load(body)
+            return await self.lora.unload(body)
 
     async def _clear_kv(self) -> Reply:
         if await self.engine.reset_prefix_cache():

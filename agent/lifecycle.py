@@ -92,10 +92,12 @@ class SleepController:
             except Exception as exc:
                 return error(503, f"cannot sleep: unregistering from discovery failed: {exc}; "
                                   "still serving")
+            unregistered = time.monotonic() - started
             self.set_state(WorkerState.SLEEPING, f"going to sleep (level {level})")
             aborted = 0
             try:
                 aborted = await self._drain()
+                drained = time.monotonic() - started
                 if level >= 1:
                     await self.engine.sleep(level, mode="abort")
             except Exception as exc:
@@ -110,8 +112,11 @@ class SleepController:
             seconds = time.monotonic() - started
             log.info("asleep at level %d after %.2f s (%d request(s) aborted)", level, seconds,
                      aborted)
+            # Where the time went, from the call: out of discovery, drained, asleep.
+            steps = {"unregistered": round(unregistered, 4), "drained": round(drained, 4),
+                     "asleep": round(seconds, 4)}
             return ok(f"asleep (level {level})", level=level, aborted_requests=aborted,
-                      seconds=round(seconds, 3), **self._memory(level))
+                      seconds=round(seconds, 3), steps_s=steps, **self._memory(level))
 
     def _memory(self, level: int | None) -> dict[str, Any]:
         released = bool(level and self.memory_release)

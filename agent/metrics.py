@@ -67,6 +67,10 @@ class EngineGauges:
         self.health_state = Gauge(
             Metric.HEALTH_STATE, "1 for the worker's current state, 0 for the others.",
             [*names, "state"], multiprocess_mode="mostrecent", registry=registry)
+        self.discovery_errors = Counter(
+            Metric.DISCOVERY_ERRORS, "Discovery operations that failed (etcd unreachable or "
+            "refusing), by operation; the worker keeps serving and retries.",
+            [*names, "operation"], registry=registry)
         for result in ("ok", "failed"):
             self.canary_checks.labels(**self.labels, result=result)
 
@@ -87,6 +91,9 @@ class EngineGauges:
             self.requests_running.labels(**rank).set(running)
         if waiting is not None:
             self.requests_waiting.labels(**rank).set(waiting)
+
+    def discovery_error(self, operation: str) -> None:
+        self.discovery_errors.labels(**self.labels, operation=operation).inc()
 
     def canary_result(self, ok: bool, seconds: float | None = None) -> None:
         self.canary_checks.labels(**self.labels, result="ok" if ok else "failed").inc()

@@ -84,6 +84,8 @@ class Route:
     ENGINE_WAKE = "/engine/wake_up"
     ENGINE_IS_SLEEPING = "/engine/is_sleeping"
     ENGINE_CLEAR_KV = "/engine/clear_kv_blocks"
+    LOAD_LORA = "/v1/load_lora_adapter"
+    UNLOAD_LORA = "/v1/unload_lora_adapter"
     # The supervisor's
     STATUS = "/status"
     HEALTHZ = "/healthz"
@@ -105,6 +107,8 @@ class Env:
     SUPERVISOR_PID = "DYNAMO_VLLM_SUPERVISOR_PID"
     INSTANCE = "DYNAMO_VLLM_INSTANCE"
     DISCOVERY_DIR = "DYNAMO_VLLM_DISCOVERY_DIR"
+    # Dynamo's name: etcd endpoints, comma-separated (overrides discovery.etcd_endpoints).
+    ETCD_ENDPOINTS = "ETCD_ENDPOINTS"
     # Set for every engine process: no telemetry leaves the machine, and vLLM's message
     # queue binds to loopback unless the operator says otherwise.
     ENGINE_DEFAULTS: Final[Mapping[str, str]] = MappingProxyType({
@@ -125,6 +129,7 @@ class Metric:
     CANARY_CHECKS = "dynamo_component_canary_checks"
     CANARY_LATENCY = "dynamo_component_canary_latency_seconds"
     HEALTH_STATE = "dynamo_component_health_state"
+    DISCOVERY_ERRORS = "dynamo_component_discovery_errors"
 
 
 class Label:

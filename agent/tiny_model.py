@@ -84,3 +84,34 @@ def build(out: str | os.PathLike[str], dtype: str = "float32") -> Path:
         path
     )
     return path
+
+
+def build_lora(out: str | os.PathLike[str], base: str | os.PathLike[str], rank: int = 8) -> Path:
+    """Write a PEFT LoRA adapter for the tiny model at `base` into `out`.
+
+    Deterministic, and strong enough that greedy output through the adapter differs from
+    the base model's, so a test can tell which one served a request.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    base_path, path = Path(base), Path(out)
+    model_config = json.loads((base_path / "config.json").read_text())
+    hidden, layers = int(model_config["hidden_size"]), int(model_config["num_hidden_layers"])
+    targets = ["q_proj", "v_proj"]
+    generator = torch.Generator().manual_seed(1)
+    tensors = {}
+    for layer in range(layers):
+        for module in targets:
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) / 2
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank, generator=generator) / 2
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0, "bias": "none", "target_modules": targets,
+        "base_model_name_or_path": str(base_path), "fan_in_fan_out": False,
+        "modules_to_save": None, "inference_mode": True,
+    }, indent=2, sort_keys=True) + "\n")
+    return path

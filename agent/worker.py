@@ -20,6 +20,8 @@ from .canary import Canary
 from .config import Config
 from .control import ControlRoutes
 from .discovery import Discovery, EndpointRecord, NoDiscovery
+from .discovery.etcd import EtcdDiscovery, record_key
+from .discovery.etcd_gateway import EtcdGateway
 from .discovery.file import FileDiscovery
 from .engine import (
     EngineConfigError,
@@ -29,6 +31,7 @@ from .engine import (
     start_failure_reason,
 )
 from .lifecycle import SleepController
+from .lora import LoraAdapters
 from .metrics import EngineGauges, merge_labels
 from .monitor import EngineMonitor
 from .processes import descendants, kill_all, shutdown_engine
@@ -64,10 +67,16 @@ class Worker:
         self._stop = asyncio.Event()
         self.instance = os.environ.get(Env.INSTANCE) or config.served_name
         self.discovery = self._discovery()
-        self.control = ControlRoutes(allow_remote=config.workers.control_from_network)
+        self.lora = LoraAdapters(list(config.lora.allowed_roots or []), self._republish)
+        self.control = ControlRoutes(allow_remote=config.workers.control_from_network,
+                                     lora=self.lora)
 
     def _discovery(self) -> Discovery:
         settings = self.config.discovery
+        if settings.backend == "etcd":
+            return EtcdDiscovery(EtcdGateway(settings.etcd_urls),
+                                 record_key(self.config, self.instance, self.index),
+                                 settings.lease_ttl, on_error=self.gauges.discovery_error)
         directory = settings.path or os.environ.get(Env.DISCOVERY_DIR, "")
         if settings.backend == "none" or not directory:
             if settings.backend != "none":
@@ -80,10 +89,18 @@ class Worker:
         return EndpointRecord(instance=self.instance, worker=self.index,
                               host=self.config.workers.host, port=self.port,
                               model=self.config.served_name, state=self.status.state.value,
-                              pid=os.getpid())
+                              pid=os.getpid(), lora_adapters=self.lora.names())
 
     async def register(self) -> None:
         await self.discovery.register(self._record())
+
+    async def _republish(self) -> None:
+        """The record changed (adapters): publish it again if the worker is published."""
+        if self.status.serving:
+            try:
+                await self.register()
+            except Exception as exc:
+                log.error("updating the discovery record failed: %s", exc)
 
     async def unregister(self) -> None:
         try:
@@ -211,6 +228,8 @@ class Worker:
             self.gauges.model_load_time.labels(**self.labels).set(load_seconds)
             self.status.progressed()
             self.control.engine = engine
+            self.lora.engine = engine
+            self.lora.models = vllm_app.state.openai_serving_models
             self.control.controller = SleepController(
                 engine, self.status, self._set_state, self.register, self.unregister,
                 inflight=config.sleep.inflight, drain_timeout=config.sleep.drain_timeout,

@@ -216,6 +216,8 @@ def endpoints(target: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"discovery: {data.get('backend')} ({data.get('path')})")
+    if data.get("error"):
+        click.echo(f"error: {data['error']}", err=True)
     for record in data.get("endpoints", []):
         click.echo(f"worker {record.get('worker')}: http://{record.get('host')}:"
                    f"{record.get('port')} model={record.get('model')} "
@@ -226,16 +228,20 @@ def endpoints(target: str, as_json: bool) -> None:
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True)
-def tiny_model(path: Path, dtype: str) -> None:
+@click.option("--lora", "lora_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write a PEFT LoRA adapter (rank 8, q_proj/v_proj) for it here.")
+def tiny_model(path: Path, dtype: str, lora_dir: Path | None) -> None:
     """Build a tiny Llama (random weights, local tokenizer) in PATH, with no downloads.
 
     Deterministic: the same files on every build. Needs the engine installed (torch,
     transformers). Tests and `make demo` serve it.
     """
-    from dynamo_vllm.agent.tiny_model import build
+    from dynamo_vllm.agent.tiny_model import build, build_lora
 
     out = build(path, dtype=dtype)
     click.echo(f"tiny model written to {out}")
+    if lora_dir is not None:
+        click.echo(f"LoRA adapter written to {build_lora(lora_dir, out)}")
 
 
 @main.group()

@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from dynamo_vllm.agent import config as config_module
 from dynamo_vllm.agent.config import Config
+from dynamo_vllm.agent.discovery.etcd import instance_prefix, list_records
+from dynamo_vllm.agent.discovery.etcd_gateway import EtcdError
 from dynamo_vllm.agent.discovery.file import read_records
 from dynamo_vllm.agent.protocol import ExitCode, Route
 
@@ -139,8 +141,19 @@ class Supervisor:
             else self.runtime_dir / "endpoints"
 
     def endpoints(self) -> dict[str, Any]:
-        directory = self.discovery_dir(self.config)
-        return {"backend": self.config.discovery.backend,
+        """What discovery holds for this instance (called from the HTTP server's threads)."""
+        config = self.config
+        if config.discovery.backend == "etcd":
+            urls = ", ".join(config.discovery.etcd_urls)
+            where = f"{urls} {instance_prefix(config, self.instance)}"
+            try:
+                records = asyncio.run(asyncio.wait_for(list_records(config, self.instance), 5.0))
+            except (EtcdError, TimeoutError) as exc:
+                return {"backend": "etcd", "path": where, "endpoints": [],
+                        "error": f"etcd: {exc}"}
+            return {"backend": "etcd", "path": where, "endpoints": records}
+        directory = self.discovery_dir(config)
+        return {"backend": config.discovery.backend,
                 "path": str(directory) if directory else None,
                 "endpoints": read_records(directory) if directory else []}
 
@@ -164,6 +177,14 @@ class Supervisor:
     async def run(self) -> ExitCode:
         loop = asyncio.get_running_loop()
         self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        discovery_dir = self.discovery_dir(self.config)
+        if discovery_dir is not None:
+            # Made here, so `dynamo-vllm endpoints` finds it before any worker serves.
+            try:
+                discovery_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StartupError(f"discovery.path: cannot create {discovery_dir}: "
+                                   f"{exc.strerror or exc}") from None
         specs = self._specs(self.config)
         self._check_ports(specs)
         try:
@@ -337,7 +358,7 @@ class Supervisor:
             handle.last_exit = ExitCode.describe(code)
             await handle.clean_up_group()
             handle.drop_metrics_dir()
-            handle.drop_discovery_record()
+            await handle.drop_discovery_record(self.config)
             if self.stopping or handle.stop_requested:
                 handle.set_phase(Phase.STOPPED)
                 break

@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynamo_vllm.agent.config import Config
+from dynamo_vllm.agent.discovery.etcd import delete_record
+from dynamo_vllm.agent.discovery.etcd_gateway import EtcdError
 from dynamo_vllm.agent.discovery.file import record_path
 from dynamo_vllm.agent.protocol import Env
 
@@ -140,12 +143,19 @@ class WorkerHandle:
         """Serving, or asleep on purpose (an operator's choice, not a failure)."""
         return self.phase in (Phase.SERVING, Phase.SLEEPING)
 
-    def drop_discovery_record(self) -> None:
+    async def drop_discovery_record(self, config: Config) -> None:
         """A worker that died cannot remove its own record: do it for it."""
         if self.spec.discovery_dir is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(record_path(self.spec.discovery_dir, self.spec.instance,
                                       self.spec.index))
+        elif config.discovery.backend == "etcd":
+            try:
+                await asyncio.wait_for(
+                    delete_record(config, self.spec.instance, self.spec.index), 5.0)
+            except (EtcdError, TimeoutError) as exc:
+                log.warning("worker %s: its etcd key stays until its lease expires "
+                            "(deleting it failed: %s)", self.name, exc)
 
     def fresh_metrics_dir(self) -> None:
         """A new, empty, private directory for this life's metric files."""

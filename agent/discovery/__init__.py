@@ -6,6 +6,7 @@ stop). Backends share one interface; `file` is the default.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ class EndpointRecord:
     state: str
     pid: int
     lora_adapters: list[str] = field(default_factory=list)
+    node: str = field(default_factory=socket.gethostname)
     version: int = RECORD_VERSION
     updated_at: float = field(default_factory=time.time)
 

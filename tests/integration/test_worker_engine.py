@@ -106,6 +106,13 @@ def test_bad_request_keeps_vllms_400(worker: WorkerProcess) -> None:
     assert "error" in resp.json()
 
 
+def test_lora_routes_say_lora_is_off(worker: WorkerProcess, tiny_lora: Path) -> None:
+    resp = httpx.post(worker.base + "/v1/load_lora_adapter", timeout=10,
+                      json={"lora_name": "a", "lora_path": str(tiny_lora)})
+    assert resp.status_code == 409, resp.text
+    assert "engine.enable_lora" in resp.json()["message"]
+
+
 def test_engine_metrics_have_labels_and_move(worker: WorkerProcess) -> None:
     before = httpx.get(worker.base + "/metrics", timeout=10).text
     expected = {**LABELS, "rack": "r1"}

@@ -15,7 +15,7 @@ from tests.support import (
     WorkerProcess,
     engine_config,
     free_port,
-    sse_data,
+    stream_completion,
     wait_for,
     write_config,
 )
@@ -46,23 +46,6 @@ def post(worker: WorkerProcess, path: str, body: object = None, raw: bytes | Non
         return httpx.post(worker.base + path, content=raw, timeout=timeout,
                           headers={"content-type": "application/json"})
     return httpx.post(worker.base + path, json=body, timeout=timeout)
-
-
-def stream_completion(worker: WorkerProcess, results: list[dict], started: threading.Event) -> None:
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 500, "ignore_eos": True,
-            "stream": True, "temperature": 0}
-    chunks, finish = 0, None
-    with httpx.stream("POST", worker.base + "/v1/completions", json=body, timeout=120) as resp:
-        status = resp.status_code
-        for data in sse_data(resp):
-            if data == "[DONE]":
-                continue
-            choice = json.loads(data)["choices"][0]
-            chunks += 1
-            started.set()
-            finish = choice.get("finish_reason") or finish
-    results.append({"status": status, "chunks": chunks, "finish": finish,
-                    "ended": time.monotonic()})
 
 
 def test_record_published_while_serving(worker: WorkerProcess) -> None:

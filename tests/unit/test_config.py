@@ -133,3 +133,32 @@ def test_to_dict_round_trips(tmp_path: Path) -> None:
     config = cfg.from_dict({**minimal(tmp_path), "engine": {"max_model_len": 512}})
     again = cfg.from_dict(config.to_dict())
     assert again == config
+
+
+def test_discovery_and_lora_settings(tmp_path: Path) -> None:
+    raw = minimal(tmp_path)
+    raw["discovery"] = {"backend": "zookeeper", "etcd_endpoints": ["127.0.0.1:2379"],
+                        "lease_ttl": 1}
+    raw["lora"] = {"allowed_roots": ["loras"]}
+    errors = errors_of(raw)
+    assert any(e.startswith('discovery.backend: must be "file", "etcd" or "none"')
+               for e in errors)
+    assert any(e.startswith("discovery.etcd_endpoints: '127.0.0.1:2379' is not an http(s)")
+               for e in errors)
+    assert any(e.startswith("discovery.lease_ttl: must be from 3 to 3600") for e in errors)
+    assert any(e.startswith("lora.allowed_roots: 'loras' is not an absolute path")
+               for e in errors)
+    raw["discovery"] = {"backend": "etcd"}
+    raw["lora"] = {"allowed_roots": ["/srv/lora"]}
+    config = cfg.from_dict(raw)
+    assert config.discovery.etcd_urls == ["http://127.0.0.1:2379"]
+    assert config.lora.allowed_roots == ["/srv/lora"]
+
+
+def test_etcd_endpoints_from_env(tmp_path: Path) -> None:
+    config = cfg.from_dict(minimal(tmp_path))
+    applied = cfg.apply_env(config, {Env.ETCD_ENDPOINTS: "http://a:2379, http://b:2379"})
+    assert applied.discovery.etcd_urls == ["http://a:2379", "http://b:2379"]
+    kept = cfg.apply_env(config, {Env.ETCD_ENDPOINTS: "a:2379"})
+    assert kept.discovery.etcd_urls == ["http://127.0.0.1:2379"]
+    assert any("ETCD_ENDPOINTS='a:2379'" in w for w in kept.warnings)
