@@ -15,7 +15,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-deps demo test lint typecheck unit integration bench clean
+.PHONY: setup system-deps demo test lint typecheck unit integration bench wheel deb clean
 
 setup: $(STAMP) system-deps
 
@@ -65,6 +65,14 @@ bench: setup $(TINY_MODEL)/config.json
 	$(BIN)/python benchmarks/worker_bench.py --model $(TINY_MODEL)
 	$(BIN)/python benchmarks/supervisor_bench.py --model $(TINY_MODEL)
 	$(BIN)/python benchmarks/sleep_bench.py --model $(TINY_MODEL)
+
+# The wheel (agent only: the engine is the `cpu` or `gpu` extra) and the .deb (the agent in
+# its own venv under /opt/dynamo-vllm; `dynamo-vllm engine install` adds vLLM).
+wheel: setup
+	$(BIN)/python -m build --wheel --no-isolation --outdir dist .
+
+deb: setup
+	packaging/build-deb
 
 clean:
 	rm -rf build dist $(TINY_MODEL) .mypy_cache .ruff_cache .pytest_cache

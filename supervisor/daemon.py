@@ -29,6 +29,7 @@ from dynamo_vllm.agent.protocol import ExitCode, Route
 
 from . import http_client
 from .devices import assign, detect_gpus, split_cpus
+from .engine_install import engine_python
 from .http import StatusServer
 from .metrics import (
     GpuCollector,
@@ -130,7 +131,8 @@ class Supervisor:
         return [WorkerSpec(index=i, host=config.workers.host, port=config.worker_port(i),
                            gpus=groups[i], cpus=cpus[i],
                            metrics_dir=self.runtime_dir / "metrics" / f"worker{i}",
-                           python=config.workers.python, config_path=self.effective_config_path,
+                           python=config.workers.python or engine_python() or "",
+                           config_path=self.effective_config_path,
                            instance=self.instance, discovery_dir=self.discovery_dir(config))
                 for i in range(config.workers.count)]
 

@@ -1,0 +1,232 @@
+"""The .deb under a real systemd: a Debian 12 container booted with systemd-nspawn.
+
+In order, on one container: install the package, add the CPU engine from a wheelhouse,
+start an instance on the tiny model, scrape it from the host, kill its EngineCore, reload
+it, stop its supervisor (watchdog), start a bad config, stop, remove and purge.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import free_port, wait_for
+from tests.system.container import ROOT, Container, missing_tools
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(os.geteuid() != 0, reason="systemd-nspawn needs root"),
+    # The first test also builds the .deb, the rootfs and the wheelhouse.
+    pytest.mark.timeout(1500),
+]
+
+BUILD = ROOT / "build" / "system"
+UNIT = "dynamo-vllm@tiny.service"
+
+
+def _build(args: list[str], timeout: float) -> None:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n" \
+                                   f"{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def container(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    missing = missing_tools()
+    assert not missing, f"missing tools (scripts/install-system-deps): {missing}"
+    _build([str(ROOT / "tests" / "system" / "build-rootfs"), str(BUILD / "rootfs")], 600)
+    _build([str(ROOT / "tests" / "system" / "build-wheelhouse"), str(BUILD / "wheelhouse"),
+            str(Path(sys.executable).with_name("pip"))], 900)
+    share = tmp_path_factory.mktemp("share")
+    shutil.copy(deb, share / "dynamo-vllm.deb")
+    guest = Container(BUILD / "rootfs", share, share / "nspawn.log",
+                      binds={BUILD / "wheelhouse": "/mnt/wheelhouse"})
+    guest.boot()
+    guest.metrics_port = free_port()  # type: ignore[attr-defined]
+    guest.base_port = free_port()  # type: ignore[attr-defined]
+    try:
+        yield guest
+    finally:
+        journal = guest.run("journalctl --no-pager -o short-monotonic -u 'dynamo-vllm@*'",
+                            check=False).stdout
+        (share / "journal.txt").write_text(journal)
+        guest.shutdown()
+
+
+def status(guest: Container) -> dict:
+    port = guest.metrics_port  # type: ignore[attr-defined]
+    try:
+        return dict(httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json())
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def agent_processes(guest: Container) -> list[str]:
+    out = guest.run("pgrep -a -f 'dynamo_vllm|dynamo-vllm run|VLLM::' || true").stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_install_creates_the_user_and_starts_nothing(container: Container) -> None:
+    container.run("dpkg -i /mnt/share/dynamo-vllm.deb", timeout=120)
+    assert "dynamo-vllm" in container.run("id -nG dynamo-vllm").stdout
+    assert container.run("stat -c '%a %U' /var/lib/dynamo-vllm").stdout.split() == \
+        ["750", "dynamo-vllm"]
+    assert container.run("stat -c '%a' /var/lib/dynamo-vllm/checkpoints").stdout.strip() == "700"
+    assert container.run("test -f /etc/dynamo-vllm/example.toml && echo yes").stdout.strip() \
+        == "yes"
+    verify = container.run("systemd-analyze verify dynamo-vllm@tiny.service dynamo-vllm.target",
+                           check=False)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    exposure = container.run("systemd-analyze security --no-pager dynamo-vllm@tiny.service "
+                             "| tail -1").stdout
+    print("systemd-analyze security:", exposure.strip())
+    assert "Overall exposure level" in exposure
+    assert container.run("systemctl list-units --no-legend 'dynamo-vllm@*'").stdout.strip() == ""
+    assert agent_processes(container) == []
+
+
+def test_engine_installs_offline_beside_the_package(container: Container) -> None:
+    container.run("dynamo-vllm engine install --cpu --wheelhouse /mnt/wheelhouse", timeout=900)
+    assert container.run("cat /opt/dynamo-vllm/engine/dynamo-vllm-engine.json").stdout
+    # pip never touched dpkg's files.
+    assert container.run("dpkg -V dynamo-vllm").stdout.strip() == ""
+
+
+def test_start_returns_after_ready(container: Container) -> None:
+    model = "/var/lib/dynamo-vllm/models/tiny"
+    base_port = container.base_port  # type: ignore[attr-defined]
+    metrics_port = container.metrics_port  # type: ignore[attr-defined]
+    container.run(f"dynamo-vllm tiny-model {model} && chown -R dynamo-vllm: {model}", timeout=300)
+    config = textwrap.dedent(f"""
+        [model]
+        path = "{model}"
+        served_name = "tiny"
+        [workers]
+        count = 1
+        base_port = {base_port}
+        drain_timeout = 5.0
+        stop_timeout = 30.0
+        [metrics]
+        port = {metrics_port}
+        [engine]
+        enforce_eager = true
+        max_model_len = 512
+        kv_cache_memory_bytes = 67108864
+        dtype = "float32"
+        max_num_seqs = 8
+        """)
+    container.run(f"cat > /etc/dynamo-vllm/tiny.toml <<'EOF'\n{config}\nEOF")
+    # A short watchdog for the test below; operators keep the unit's 30 s.
+    container.run("mkdir -p /etc/systemd/system/dynamo-vllm@tiny.service.d && printf "
+                  "'[Service]\\nWatchdogSec=10\\n' > "
+                  "/etc/systemd/system/dynamo-vllm@tiny.service.d/test.conf && "
+                  "systemctl daemon-reload")
+    started = time.monotonic()
+    container.run(f"systemctl start {UNIT}", timeout=600)
+    print(f"systemctl start returned after {time.monotonic() - started:.1f} s")
+    # `start` returned: READY=1 was sent, so the instance serves already.
+    now = status(container)
+    assert now.get("ready") is True, now
+    assert container.show(UNIT, "ActiveState") == "active"
+    shown = container.run(f"systemctl status --no-pager {UNIT}", check=False).stdout
+    assert 'Status: "1/1 workers serving' in shown, shown
+
+
+def test_the_host_scrapes_metrics_and_gets_answers(container: Container) -> None:
+    port = container.metrics_port  # type: ignore[attr-defined]
+    base_port = container.base_port  # type: ignore[attr-defined]
+    answer = httpx.post(f"http://127.0.0.1:{base_port}/v1/completions",
+                        json={"model": "tiny", "prompt": "hello", "max_tokens": 4}, timeout=60)
+    assert answer.status_code == 200, answer.text
+
+    def scraped() -> str | None:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        wanted = ("dynamo_agent_workers_serving 1.0", 'vllm:generation_tokens_total{',
+                  "dynamo_component_total_blocks{")
+        return text if all(w in text for w in wanted) else None
+
+    wait_for(scraped, 30, interval=1, what="node, supervisor and worker series")
+
+
+def test_engine_core_killed_restarts_the_worker_not_the_unit(container: Container) -> None:
+    before = status(container)["workers"][0]["pid"]
+    container.run("pkill -9 -f '^VLLM::EngineCor[e]'")
+    wait_for(lambda: (status(container).get("workers") or [{}])[0].get("pid") not in
+             (None, before) and status(container).get("ready"), 300, interval=1,
+             what="worker 0 replaced and serving")
+    assert container.show(UNIT, "ActiveState") == "active"
+    assert container.show(UNIT, "NRestarts") == "0"
+    errors = container.run(f"journalctl --no-pager -o cat -u {UNIT} -p err").stdout
+    assert "engine dead" in errors.lower() or "exit 3" in errors, errors
+    assert "serving tiny" not in errors  # info lines are not errors
+    tagged = container.run("journalctl --no-pager -o cat -t dynamo-vllm -n 200").stdout
+    assert "worker 0" in tagged
+
+
+def test_reload_shows_reloading_and_rolls_the_worker(container: Container) -> None:
+    before = status(container)["workers"][0]["pid"]
+    # An engine argument changed: the reload must roll the worker.
+    container.run("sed -i 's/max_num_seqs = 8/max_num_seqs = 6/' /etc/dynamo-vllm/tiny.toml")
+    container.run(f"systemctl reload {UNIT}")
+    container.wait(f"systemctl show -P ActiveState {UNIT} | grep -qx reloading", 30,
+                   "ActiveState=reloading", interval=0.2)
+    wait_for(lambda: status(container).get("ready") and
+             status(container)["workers"][0]["pid"] != before, 300, interval=1,
+             what="the worker rolled")
+    container.wait(f"systemctl show -P ActiveState {UNIT} | grep -qx active", 60, "active")
+    assert "Reloaded" in container.run(f"journalctl --no-pager -o cat -u {UNIT}").stdout
+
+
+def test_a_stopped_supervisor_is_restarted_by_the_watchdog(container: Container) -> None:
+    main_pid = container.show(UNIT, "MainPID")
+    container.run(f"kill -STOP {main_pid}")
+    container.wait(f"test \"$(systemctl show -P NRestarts {UNIT})\" -ge 1", 90,
+                   "a restart after the watchdog timeout")
+    journal = container.run(f"journalctl --no-pager -o cat -u {UNIT}").stdout
+    assert "Watchdog timeout" in journal, journal[-3000:]
+    wait_for(lambda: status(container).get("ready"), 300, interval=1, what="serving again")
+    assert container.show(UNIT, "MainPID") != main_pid
+    # One supervisor, one worker, one engine: nothing of the old life is left.
+    procs = agent_processes(container)
+    assert sum("dynamo-vllm run" in p for p in procs) == 1, procs
+    assert sum("dynamo_vllm.agent" in p for p in procs) == 1, procs
+    assert sum("VLLM::EngineCore" in p for p in procs) == 1, procs
+
+
+def test_a_bad_config_fails_once_and_names_the_key(container: Container) -> None:
+    container.run("printf '[model]\\npath = \"/var/lib/dynamo-vllm/models/tiny\"\\n"
+                  "[workers]\\ncout = 2\\n' > /etc/dynamo-vllm/bad.toml")
+    result = container.run("systemctl start dynamo-vllm@bad.service", check=False, timeout=60)
+    assert result.returncode != 0
+    time.sleep(8)  # RestartSec is 5: a restart loop would have begun
+    assert container.show("dynamo-vllm@bad.service", "NRestarts") == "0"
+    assert container.show("dynamo-vllm@bad.service", "ExecMainStatus") == "78"
+    journal = container.run("journalctl --no-pager -o cat -u dynamo-vllm@bad.service").stdout
+    assert "workers.cout" in journal, journal
+
+
+def test_stop_is_clean(container: Container) -> None:
+    container.run(f"systemctl stop {UNIT}", timeout=200)
+    assert container.show(UNIT, "Result") == "success"
+    assert agent_processes(container) == []
+
+
+def test_remove_stops_instances_and_purge_leaves_nothing(container: Container) -> None:
+    container.run(f"systemctl start {UNIT}", timeout=600)
+    assert agent_processes(container)
+    container.run("dpkg -r dynamo-vllm", timeout=200)
+    assert agent_processes(container) == []
+    assert container.run("test -e /opt/dynamo-vllm/venv || echo gone").stdout.strip() == "gone"
+    container.run("dpkg -P dynamo-vllm", timeout=120)
+    left = container.run("ls -d /opt/dynamo-vllm /var/lib/dynamo-vllm /var/cache/dynamo-vllm "
+                         "/etc/dynamo-vllm/example.toml 2>/dev/null || true").stdout.strip()
+    assert left == "", left
