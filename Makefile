@@ -15,7 +15,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-deps demo test lint typecheck unit integration bench wheel deb clean
+.PHONY: setup system-deps demo test lint typecheck unit integration bench wheel deb engine-deb clean
 
 setup: $(STAMP) system-deps
 
@@ -73,6 +73,11 @@ wheel: setup
 
 deb: setup
 	packaging/build-deb
+
+# The CPU engine as a second .deb, for hosts without network (needs root).
+engine-deb: deb
+	tests/system/build-wheelhouse build/system/wheelhouse $(BIN)/pip
+	packaging/build-engine-deb build/system/wheelhouse
 
 clean:
 	rm -rf build dist $(TINY_MODEL) .mypy_cache .ruff_cache .pytest_cache

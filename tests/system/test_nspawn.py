@@ -2,7 +2,8 @@
 
 In order, on one container: install the package, add the CPU engine from a wheelhouse,
 start an instance on the tiny model, scrape it from the host, kill its EngineCore, reload
-it, stop its supervisor (watchdog), start a bad config, stop, remove and purge.
+it, stop its supervisor (watchdog), start a bad config, stop, remove and purge; then the
+"full" install (the agent and the engine .deb, no pip) serves as well.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def container(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     _build([str(ROOT / "tests" / "system" / "build-rootfs"), str(BUILD / "rootfs")], 600)
     _build([str(ROOT / "tests" / "system" / "build-wheelhouse"), str(BUILD / "wheelhouse"),
             str(Path(sys.executable).with_name("pip"))], 900)
+    _build([str(ROOT / "packaging" / "build-engine-deb"), str(BUILD / "wheelhouse")], 900)
     share = tmp_path_factory.mktemp("share")
     shutil.copy(deb, share / "dynamo-vllm.deb")
     guest = Container(BUILD / "rootfs", share, share / "nspawn.log",
-                      binds={BUILD / "wheelhouse": "/mnt/wheelhouse"})
+                      binds={BUILD / "wheelhouse": "/mnt/wheelhouse", ROOT / "dist": "/mnt/dist"})
     guest.boot()
     guest.metrics_port = free_port()  # type: ignore[attr-defined]
     guest.base_port = free_port()  # type: ignore[attr-defined]
@@ -229,4 +231,20 @@ def test_remove_stops_instances_and_purge_leaves_nothing(container: Container) -
     container.run("dpkg -P dynamo-vllm", timeout=120)
     left = container.run("ls -d /opt/dynamo-vllm /var/lib/dynamo-vllm /var/cache/dynamo-vllm "
                          "/etc/dynamo-vllm/example.toml 2>/dev/null || true").stdout.strip()
+    assert left == "", left
+
+
+def test_the_full_engine_deb_serves_without_pip(container: Container) -> None:
+    container.run("dpkg -i /mnt/share/dynamo-vllm.deb "
+                  "/mnt/dist/dynamo-vllm-engine-cpu_*_amd64.deb", timeout=300)
+    refused = container.run("dynamo-vllm engine install --cpu --wheelhouse /mnt/wheelhouse",
+                            check=False)
+    assert refused.returncode != 0 and "belongs to a Debian package" in refused.stderr
+    model = "/var/lib/dynamo-vllm/models/tiny"
+    container.run(f"dynamo-vllm tiny-model {model} && chown -R dynamo-vllm: {model}", timeout=300)
+    container.run(f"systemctl start {UNIT}", timeout=600)
+    assert status(container).get("ready") is True
+    container.run(f"systemctl stop {UNIT}", timeout=200)
+    container.run("dpkg -P dynamo-vllm-engine-cpu dynamo-vllm", timeout=300)
+    left = container.run("ls -d /opt/dynamo-vllm 2>/dev/null || true").stdout.strip()
     assert left == "", left
