@@ -90,6 +90,7 @@ class Route:
     STATUS = "/status"
     HEALTHZ = "/healthz"
     ENDPOINTS = "/endpoints"
+    SERVICE_DISCOVERY = "/sd"
 
 
 class Env:

@@ -142,6 +142,18 @@ class Supervisor:
         return Path(config.discovery.path) if config.discovery.path \
             else self.runtime_dir / "endpoints"
 
+    def scrape_targets(self) -> list[dict[str, Any]]:
+        """This instance as a Prometheus HTTP-SD target group (prometheus/http-sd.yml)."""
+        metrics = self.config.metrics
+        host = metrics.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        address = f"[{host}]:{metrics.port}" if ":" in host else f"{host}:{metrics.port}"
+        return [{"targets": [address],
+                 "labels": {"node": socket.gethostname(), "dynamo_vllm_instance": self.instance,
+                            "__meta_dynamo_vllm_model": self.config.served_name,
+                            "__meta_dynamo_vllm_workers": str(self.config.workers.count)}}]
+
     def endpoints(self) -> dict[str, Any]:
         """What discovery holds for this instance (called from the HTTP server's threads)."""
         config = self.config
@@ -191,7 +203,8 @@ class Supervisor:
         self._check_ports(specs)
         try:
             self.server = StatusServer(self.config.metrics.host, self.config.metrics.port,
-                                       self.registry, lambda: self._snapshot, self.endpoints)
+                                       self.registry, lambda: self._snapshot, self.endpoints,
+                                       self.scrape_targets)
         except OSError as exc:
             raise StartupError(f"metrics.port: cannot listen on {self.config.metrics.host}:"
                                f"{self.config.metrics.port}: {exc.strerror or exc}") from None

@@ -1,4 +1,4 @@
-"""The supervisor's local HTTP endpoint: /metrics, /status, /endpoints and /healthz.
+"""The supervisor's local HTTP endpoint: /metrics, /status, /endpoints, /sd and /healthz.
 
 A `ThreadingHTTPServer` in a daemon thread, so a slow scrape never stalls the main loop
 (which must keep pinging the watchdog). It only reads: a status snapshot the main loop
@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 class StatusServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  snapshot: Callable[[], dict[str, Any]],
-                 endpoints: Callable[[], dict[str, Any]]):
+                 endpoints: Callable[[], dict[str, Any]],
+                 scrape_targets: Callable[[], list[dict[str, Any]]] = lambda: []):
         self.registry = registry
         self.snapshot = snapshot
         self.endpoints = endpoints
+        self.scrape_targets = scrape_targets
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +44,9 @@ class StatusServer:
                         self._send_json(200, server.snapshot())
                     elif path == Route.ENDPOINTS:
                         self._send_json(200, server.endpoints())
+                    elif path == Route.SERVICE_DISCOVERY:
+                        # Prometheus' HTTP service discovery format (http_sd_configs).
+                        self._send_json(200, server.scrape_targets())
                     elif path == Route.HEALTHZ:
                         status = server.snapshot()
                         self._send_json(200 if status.get("ready") else 503,
@@ -49,7 +54,7 @@ class StatusServer:
                                          "status": status.get("status")})
                     else:
                         self._send_json(404, {"error": f"no route {path}; try /metrics, "
-                                                       "/status, /endpoints or /healthz"})
+                                                       "/status, /endpoints, /sd or /healthz"})
                 except Exception as exc:
                     log.exception("error answering %s", path)
                     self._send_json(500, {"error": f"{type(exc).__name__}: {exc}"})

@@ -114,3 +114,23 @@ def test_a_dead_workers_file_record_is_removed(tmp_path: Path) -> None:
         assert leftovers == [], leftovers
     finally:
         supervisor.cleanup()
+
+
+def test_http_service_discovery_lists_the_scrape_target(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.support import wait_for
+
+    port = free_port()
+    config = scripted_config(tmp_path, fake_python(tmp_path, "exec sleep 600"), port)
+    supervisor = SupervisorProcess(config, tmp_path, port)
+    try:
+        groups = wait_for(lambda: supervisor.status() and httpx.get(
+            supervisor.base + "/sd", timeout=3).json(), 30, what="/sd answering")
+        assert groups == [{"targets": [f"127.0.0.1:{port}"],
+                           "labels": {"node": socket.gethostname(),
+                                      "dynamo_vllm_instance": "fake",
+                                      "__meta_dynamo_vllm_model": "fake",
+                                      "__meta_dynamo_vllm_workers": "1"}}]
+    finally:
+        supervisor.cleanup()

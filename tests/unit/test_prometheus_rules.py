@@ -29,7 +29,7 @@ def alerts() -> list[dict]:
 
 
 def test_config_and_rules_pass_promtool() -> None:
-    for args in (("check", "config", "prometheus.yml"),
+    for args in (("check", "config", "prometheus.yml"), ("check", "config", "http-sd.yml"),
                  ("check", "rules", "rules/recording.yml", "rules/alerts.yml"),
                  ("test", "rules", "tests/alerts_test.yml")):
         result = promtool(*args)
