@@ -41,7 +41,7 @@ demo: setup $(DEMO_CONFIG)
 	VLLM_HOST_IP=127.0.0.1 $(BIN)/dynamo-vllm run --config $(DEMO_CONFIG)
 
 lint: setup
-	$(BIN)/ruff check agent supervisor tests benchmarks
+	$(BIN)/ruff check agent supervisor tests benchmarks grafana
 
 # agent/ and supervisor/ install as dynamo_vllm.agent and dynamo_vllm.supervisor; mypy
 # cannot follow setuptools' editable finder, so it reads them through a linked tree.
