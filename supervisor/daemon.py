@@ -22,15 +22,21 @@ from prometheus_client import CollectorRegistry
 
 from dynamo_vllm.agent import config as config_module
 from dynamo_vllm.agent.config import Config
-from dynamo_vllm.agent.discovery.etcd import instance_prefix, list_records
-from dynamo_vllm.agent.discovery.etcd_gateway import EtcdError
+from dynamo_vllm.agent.discovery.etcd import (
+    EtcdDiscovery,
+    instance_prefix,
+    list_records,
+    list_target_groups,
+    target_key,
+)
+from dynamo_vllm.agent.discovery.etcd_gateway import EtcdError, EtcdGateway
 from dynamo_vllm.agent.discovery.file import read_records
 from dynamo_vllm.agent.protocol import ExitCode, Route
 
 from . import http_client
 from .devices import assign, detect_gpus, split_cpus
 from .engine_install import engine_python
-from .http import StatusServer
+from .http import StatusServer, Unavailable
 from .metrics import (
     GpuCollector,
     GuardedCollectors,
@@ -105,6 +111,7 @@ class Supervisor:
             collectors["gpu"] = gpus.collect
         self.registry.register(GuardedCollectors(collectors))
         self.server: StatusServer | None = None
+        self._target_publisher: EtcdDiscovery | None = None
 
     # ---------------------------------------------------------------- set-up
 
@@ -142,17 +149,36 @@ class Supervisor:
         return Path(config.discovery.path) if config.discovery.path \
             else self.runtime_dir / "endpoints"
 
-    def scrape_targets(self) -> list[dict[str, Any]]:
-        """This instance as a Prometheus HTTP-SD target group (prometheus/http-sd.yml)."""
+    def scrape_targets(self, fleet: bool = False) -> list[dict[str, Any]]:
+        """This instance as a Prometheus HTTP-SD target group (prometheus/http-sd.yml), or
+        with `fleet` and the etcd backend every instance that publishes one there."""
+        if fleet and self.config.discovery.backend == "etcd":
+            try:
+                return asyncio.run(asyncio.wait_for(list_target_groups(self.config), 5.0))
+            except (EtcdError, TimeoutError) as exc:
+                # Prometheus keeps its last good list when SD fails; a 503 says why.
+                raise Unavailable(f"etcd: {exc}") from exc
+        return [self._target_group()]
+
+    def _target_group(self) -> dict[str, Any]:
         metrics = self.config.metrics
         host = metrics.host
         if host in ("0.0.0.0", "::", ""):
             host = socket.getfqdn()
         address = f"[{host}]:{metrics.port}" if ":" in host else f"{host}:{metrics.port}"
-        return [{"targets": [address],
-                 "labels": {"node": socket.gethostname(), "dynamo_vllm_instance": self.instance,
-                            "__meta_dynamo_vllm_model": self.config.served_name,
-                            "__meta_dynamo_vllm_workers": str(self.config.workers.count)}}]
+        return {"targets": [address],
+                "labels": {"node": socket.gethostname(), "dynamo_vllm_instance": self.instance,
+                           "__meta_dynamo_vllm_model": self.config.served_name,
+                           "__meta_dynamo_vllm_workers": str(self.config.workers.count)}}
+
+    async def _publish_target(self) -> None:
+        """With etcd: put this instance's scrape target under a lease, for fleet SD."""
+        if self.config.discovery.backend != "etcd":
+            return
+        self._target_publisher = EtcdDiscovery(
+            EtcdGateway(self.config.discovery.etcd_urls),
+            target_key(self.config, self.instance), self.config.discovery.lease_ttl)
+        await self._target_publisher.register(_Document(self._target_group()))
 
     def endpoints(self) -> dict[str, Any]:
         """What discovery holds for this instance (called from the HTTP server's threads)."""
@@ -209,6 +235,7 @@ class Supervisor:
             raise StartupError(f"metrics.port: cannot listen on {self.config.metrics.host}:"
                                f"{self.config.metrics.port}: {exc.strerror or exc}") from None
         self.server.start()
+        await self._publish_target()
         self._write_effective_config()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
@@ -543,9 +570,22 @@ class Supervisor:
             for pid in leftovers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        if self._target_publisher is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._target_publisher.close(), 5.0)
         if self.server is not None:
             self.server.stop()
         log.info("stopped")
+
+
+class _Document:
+    """A JSON document to publish as it is."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data
 
 
 def _worker_view(config: Config) -> dict[str, Any]:

@@ -21,11 +21,15 @@ from dynamo_vllm.agent.protocol import Route
 log = logging.getLogger(__name__)
 
 
+class Unavailable(Exception):
+    """What a route needs (etcd) cannot be reached: 503, with the reason."""
+
+
 class StatusServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  snapshot: Callable[[], dict[str, Any]],
                  endpoints: Callable[[], dict[str, Any]],
-                 scrape_targets: Callable[[], list[dict[str, Any]]] = lambda: []):
+                 scrape_targets: Callable[[bool], list[dict[str, Any]]] = lambda fleet: []):
         self.registry = registry
         self.snapshot = snapshot
         self.endpoints = endpoints
@@ -36,7 +40,7 @@ class StatusServer:
             server_version = "dynamo-vllm"
 
             def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
+                path, _, query = self.path.partition("?")
                 try:
                     if path == Route.METRICS:
                         self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
@@ -45,8 +49,10 @@ class StatusServer:
                     elif path == Route.ENDPOINTS:
                         self._send_json(200, server.endpoints())
                     elif path == Route.SERVICE_DISCOVERY:
-                        # Prometheus' HTTP service discovery format (http_sd_configs).
-                        self._send_json(200, server.scrape_targets())
+                        # Prometheus' HTTP service discovery format (http_sd_configs);
+                        # ?scope=fleet: every supervisor that publishes in etcd.
+                        fleet = "scope=fleet" in query.split("&")
+                        self._send_json(200, server.scrape_targets(fleet))
                     elif path == Route.HEALTHZ:
                         status = server.snapshot()
                         self._send_json(200 if status.get("ready") else 503,
@@ -55,6 +61,8 @@ class StatusServer:
                     else:
                         self._send_json(404, {"error": f"no route {path}; try /metrics, "
                                                        "/status, /endpoints, /sd or /healthz"})
+                except Unavailable as exc:
+                    self._send_json(503, {"error": str(exc)})
                 except Exception as exc:
                     log.exception("error answering %s", path)
                     self._send_json(500, {"error": f"{type(exc).__name__}: {exc}"})

@@ -32,6 +32,12 @@ class EndpointRecord:
         return asdict(self)
 
 
+class Publishable(Protocol):
+    """What a backend stores: a JSON-ready document."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 class Discovery(Protocol):
     """A backend. Both calls are idempotent."""
 

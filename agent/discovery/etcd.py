@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import EndpointRecord
+from . import Publishable
 from .etcd_gateway import EtcdError, EtcdGateway
 
 if TYPE_CHECKING:
@@ -49,23 +49,45 @@ def record_key(config: Config, instance: str, worker: int, node: str | None = No
     return instance_prefix(config, instance, node) + str(worker)
 
 
-async def list_records(config: Config, instance: str) -> list[dict[str, Any]]:
-    """The records etcd holds for `instance` on this node (raises EtcdError)."""
+def targets_prefix(config: Config) -> str:
+    """Where supervisors publish their scrape targets (Prometheus HTTP-SD groups)."""
+    return config.discovery.etcd_prefix.rstrip("/") + "-scrape-targets/"
+
+
+def target_key(config: Config, instance: str) -> str:
+    return f"{targets_prefix(config)}{socket.gethostname()}/{instance}"
+
+
+async def _json_documents(config: Config, prefix: str) -> list[dict[str, Any]]:
+    """The JSON objects stored under `prefix`, in key order; others are logged and skipped
+    (raises EtcdError)."""
     gateway = EtcdGateway(config.discovery.etcd_urls)
     try:
-        values, _ = await gateway.get_prefix(instance_prefix(config, instance))
+        values, _ = await gateway.get_prefix(prefix)
     finally:
         await gateway.close()
-    records = []
+    documents = []
     for key, value in sorted(values.items()):
         try:
-            record = json.loads(value)
+            document = json.loads(value)
         except ValueError:
-            log.warning("etcd key %s holds no JSON record; skipped", key)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+            document = None
+        if isinstance(document, dict):
+            documents.append(document)
+        else:
+            log.warning("etcd key %s holds no JSON object; skipped", key)
+    return documents
+
+
+async def list_target_groups(config: Config) -> list[dict[str, Any]]:
+    """Every supervisor's target group in etcd: the whole fleet (raises EtcdError)."""
+    return [group for group in await _json_documents(config, targets_prefix(config))
+            if isinstance(group.get("targets"), list)]
+
+
+async def list_records(config: Config, instance: str) -> list[dict[str, Any]]:
+    """The records etcd holds for `instance` on this node (raises EtcdError)."""
+    return await _json_documents(config, instance_prefix(config, instance))
 
 
 async def delete_record(config: Config, instance: str, worker: int) -> None:
@@ -85,7 +107,7 @@ class EtcdDiscovery:
         self.ttl = ttl
         self.on_error = on_error
         self.lease: int | None = None
-        self.record: EndpointRecord | None = None
+        self.record: Publishable | None = None
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
         self._last_renewed = 0.0
@@ -121,7 +143,7 @@ class EtcdDiscovery:
                 raise
             self._published = True
 
-    async def register(self, record: EndpointRecord) -> None:
+    async def register(self, record: Publishable) -> None:
         """Publish `record` now if etcd answers; otherwise the keeper keeps trying."""
         self.record = record
         try:
@@ -183,4 +205,5 @@ class EtcdDiscovery:
         await self.gateway.close()
 
 
-__all__ = ["EtcdDiscovery", "delete_record", "instance_prefix", "list_records", "record_key"]
+__all__ = ["EtcdDiscovery", "delete_record", "instance_prefix", "list_records",
+           "list_target_groups", "record_key", "target_key", "targets_prefix"]

@@ -6,12 +6,17 @@ the supervisor's decisions; the engine tests prove the real thing.
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import stat
+import tomllib
 from pathlib import Path
 
+import httpx
+
 from dynamo_vllm.agent.protocol import ExitCode
-from tests.support import SupervisorProcess, free_port, write_config
+from tests.support import EtcdServer, SupervisorProcess, free_port, wait_for, write_config
 
 
 def fake_python(tmp: Path, body: str) -> Path:
@@ -117,10 +122,6 @@ def test_a_dead_workers_file_record_is_removed(tmp_path: Path) -> None:
 
 
 def test_http_service_discovery_lists_the_scrape_target(tmp_path: Path) -> None:
-    import httpx
-
-    from tests.support import wait_for
-
     port = free_port()
     config = scripted_config(tmp_path, fake_python(tmp_path, "exec sleep 600"), port)
     supervisor = SupervisorProcess(config, tmp_path, port)
@@ -134,3 +135,48 @@ def test_http_service_discovery_lists_the_scrape_target(tmp_path: Path) -> None:
                                       "__meta_dynamo_vllm_workers": "1"}}]
     finally:
         supervisor.cleanup()
+
+
+def test_fleet_service_discovery_through_etcd(tmp_path: Path) -> None:
+    etcd = EtcdServer(tmp_path / "etcd", tmp_path / "etcd.log").start()
+    port = free_port()
+    config_path = scripted_config(tmp_path, fake_python(tmp_path, "exec sleep 600"), port)
+    config = tomllib.loads(config_path.read_text())
+    config["discovery"] = {"backend": "etcd", "etcd_endpoints": [etcd.url], "lease_ttl": 3}
+    write_config(config_path, config)
+    # Another node's supervisor, as it would publish itself.
+    other = {"targets": ["gpu09:9400"], "labels": {"node": "gpu09",
+                                                   "dynamo_vllm_instance": "llama"}}
+    etcd.call("/v3/kv/put", {"key": _b64("/dynamo-vllm/v1/instances-scrape-targets/gpu09/llama"),
+                             "value": _b64(json.dumps(other))})
+    supervisor = SupervisorProcess(config_path, tmp_path, port)
+    try:
+        def fleet() -> list | None:
+            try:
+                groups = httpx.get(supervisor.base + "/sd?scope=fleet", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                return None
+            return groups if len(groups) == 2 else None
+        groups = wait_for(fleet, 30, what="both target groups in /sd?scope=fleet")
+        assert other in groups
+        ours = next(g for g in groups if g != other)
+        assert ours["targets"] == [f"127.0.0.1:{port}"]
+        assert ours["labels"]["node"] == socket.gethostname()
+        # etcd down: a 503 naming it (Prometheus keeps its last good list), never a 500.
+        etcd.stop()
+        down = httpx.get(supervisor.base + "/sd?scope=fleet", timeout=10)
+        assert down.status_code == 503 and "etcd" in down.json()["error"]
+        assert httpx.get(supervisor.base + "/sd", timeout=5).status_code == 200
+        etcd.start()
+        supervisor.proc.terminate()
+        assert supervisor.proc.wait(60) == ExitCode.STOPPED
+        # A clean stop takes our target out; the other node's stays.
+        left = etcd.get_prefix("/dynamo-vllm/v1/instances-scrape-targets/")[0]
+        assert list(left) == ["/dynamo-vllm/v1/instances-scrape-targets/gpu09/llama"]
+    finally:
+        supervisor.cleanup()
+        etcd.stop()
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()

@@ -30,6 +30,7 @@ def alerts() -> list[dict]:
 
 def test_config_and_rules_pass_promtool() -> None:
     for args in (("check", "config", "prometheus.yml"), ("check", "config", "http-sd.yml"),
+                 ("check", "config", "http-sd-etcd.yml"),
                  ("check", "rules", "rules/recording.yml", "rules/alerts.yml"),
                  ("test", "rules", "tests/alerts_test.yml")):
         result = promtool(*args)
