@@ -74,12 +74,14 @@ def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             while not stop.is_set():
                 with contextlib.suppress(httpx.HTTPError):
                     httpx.post(base + "/v1/completions", timeout=30, json={
-                        "model": "tiny", "prompt": "hello", "max_tokens": 200,
+                        "model": "tiny", "prompt": "hello", "max_tokens": 400,
                         "ignore_eos": True})
-                stop.wait(0.3)
+                stop.wait(0.05)
 
-        # Two clients, so the running gauge and the KV cache show load between scrapes.
-        for _ in range(2):
+        # Back-to-back clients: the tiny model finishes a request in a fraction of a second,
+        # and an idle engine between requests would leave the running gauge and the KV
+        # cache at 0 at most scrapes.
+        for _ in range(3):
             threading.Thread(target=traffic, daemon=True).start()
         prom = f"http://127.0.0.1:{prom_port}"
         wait_for(lambda: httpx.get(prom + "/-/ready", timeout=2).status_code == 200, 60,
