@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
-from dynamo_vllm.agent.protocol import ExitCode
+from dynamo_vllm.agent.protocol import ExitCode, Metric
 from tests.support import (
     WorkerProcess,
     engine_config,
@@ -38,10 +42,25 @@ def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # A text-mode canary, soon after idle, so the test sees it succeed.
         health={"canary_idle": 1.5, "canary_timeout": 5.0, "payload": {"prompt": "hello"}},
     )
-    handle = WorkerProcess(write_config(tmp / "tiny.toml", config), port, tmp / "worker.log")
+    metrics_dir = tmp / "metrics"
+    metrics_dir.mkdir()
+    handle = WorkerProcess(write_config(tmp / "tiny.toml", config), port, tmp / "worker.log",
+                           env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    handle.metrics_dir = metrics_dir  # type: ignore[attr-defined]
     handle.states = handle.wait_serving()  # type: ignore[attr-defined]
     yield handle
     handle.cleanup()
+
+
+def gauge_in_files(directory: Path, name: str) -> float | None:
+    """A gauge as the worker's metric files hold it now (what the supervisor serves)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
 
 
 def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -129,28 +148,25 @@ def test_engine_metrics_have_labels_and_move(worker: WorkerProcess) -> None:
     def tokens(text: str) -> float:
         return sum(v for _, v in metric_samples(text, "vllm:generation_tokens_total"))
 
-    # Requests in flight must show up in the running gauge and the KV usage. The server
-    # generates without waiting for the client, so scrape until a scrape lands while the
-    # streams are still generating; a slow scrape on a loaded machine can miss one window.
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 450, "ignore_eos": True,
-            "stream": True}
-    running, usage, during = 0.0, 0.0, ""
-    with httpx.Client(timeout=60) as client:
-        for _attempt in range(5):
-            with client.stream("POST", worker.base + "/v1/completions", json=body) as first, \
-                    client.stream("POST", worker.base + "/v1/completions", json=body) as second:
-                lines = [sse_data(first), sse_data(second)]
-                for stream in lines:
-                    assert next(stream)
-                during = client.get(worker.base + "/metrics").text
-                for stream in lines:
-                    for _ in stream:
-                        pass
-            running = metric_samples(during, "dynamo_component_requests_running")[0][1]
-            usage = metric_samples(during, "dynamo_component_gpu_cache_usage_percent")[0][1]
-            if running >= 1:
-                break
-    assert running >= 1, during
+    # Requests in flight must show up in the running gauge and the KV usage. Read them
+    # from the metric files, as the supervisor does: the worker's own /metrics shares the
+    # event loop with vLLM's output handler, which keeps it busy while the tiny model
+    # streams, so an HTTP scrape is answered only once generation is over.
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 450, "ignore_eos": True}
+    directory: Path = worker.metrics_dir  # type: ignore[attr-defined]
+    running, usage = 0.0, 0.0
+    streams = [threading.Thread(target=httpx.post, args=(worker.base + "/v1/completions",),
+                                kwargs={"json": body, "timeout": 120}) for _ in range(2)]
+    for stream in streams:
+        stream.start()
+    deadline = time.monotonic() + 60
+    while any(s.is_alive() for s in streams) and time.monotonic() < deadline:
+        running = max(running, gauge_in_files(directory, Metric.REQUESTS_RUNNING) or 0.0)
+        usage = max(usage, gauge_in_files(directory, Metric.CACHE_USAGE) or 0.0)
+        time.sleep(0.01)
+    for stream in streams:
+        stream.join(60)
+    assert running >= 1
     assert 0 < usage <= 1
     after = httpx.get(worker.base + "/metrics", timeout=10).text
     assert tokens(after) >= tokens(before) + 2 * 450
