@@ -323,13 +323,14 @@ class EtcdServer:
 
     def get_prefix(self, prefix: str) -> tuple[dict[str, Any], int]:
         """Records under `prefix` (decoded JSON) and the revision they were read at."""
-        data = self.call("/v3/kv/range", {"key": _b64(prefix), "range_end": prefix_end(prefix)})
+        data = self.call("/v3/kv/range", {"key": b64(prefix), "range_end": prefix_end(prefix)})
         records = {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"]))
                    for kv in data.get("kvs", [])}
         return records, int(data["header"]["revision"])
 
 
-def _b64(text: str) -> str:
+def b64(text: str) -> str:
+    """etcd's JSON gateway takes keys and values in base64."""
     return base64.b64encode(text.encode()).decode()
 
 
@@ -355,7 +356,7 @@ class EtcdWatch:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        body = {"create_request": {"key": _b64(self._prefix),
+        body = {"create_request": {"key": b64(self._prefix),
                                    "range_end": prefix_end(self._prefix),
                                    "start_revision": self._start}}
         try:

@@ -6,7 +6,6 @@ the supervisor's decisions; the engine tests prove the real thing.
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import stat
@@ -16,7 +15,14 @@ from pathlib import Path
 import httpx
 
 from dynamo_vllm.agent.protocol import ExitCode
-from tests.support import EtcdServer, SupervisorProcess, free_port, wait_for, write_config
+from tests.support import (
+    EtcdServer,
+    SupervisorProcess,
+    b64,
+    free_port,
+    wait_for,
+    write_config,
+)
 
 
 def fake_python(tmp: Path, body: str) -> Path:
@@ -147,8 +153,8 @@ def test_fleet_service_discovery_through_etcd(tmp_path: Path) -> None:
     # Another node's supervisor, as it would publish itself.
     other = {"targets": ["gpu09:9400"], "labels": {"node": "gpu09",
                                                    "dynamo_vllm_instance": "llama"}}
-    etcd.call("/v3/kv/put", {"key": _b64("/dynamo-vllm/v1/instances-scrape-targets/gpu09/llama"),
-                             "value": _b64(json.dumps(other))})
+    etcd.call("/v3/kv/put", {"key": b64("/dynamo-vllm/v1/instances-scrape-targets/gpu09/llama"),
+                             "value": b64(json.dumps(other))})
     supervisor = SupervisorProcess(config_path, tmp_path, port)
     try:
         def fleet() -> list | None:
@@ -176,7 +182,3 @@ def test_fleet_service_discovery_through_etcd(tmp_path: Path) -> None:
     finally:
         supervisor.cleanup()
         etcd.stop()
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()

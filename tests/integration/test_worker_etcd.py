@@ -18,6 +18,7 @@ from tests.support import (
     EtcdServer,
     EtcdWatch,
     WorkerProcess,
+    b64,
     engine_config,
     free_port,
     stream_completion,
@@ -70,7 +71,7 @@ def test_record_is_published_under_a_lease(worker: WorkerProcess, etcd: EtcdServ
     assert key.endswith(f"/{record['node']}/tiny/0")
     assert record["port"] == worker.port and record["state"] == "serving"
     assert record["model"] == "tiny" and record["lora_adapters"] == []
-    kv = etcd.call("/v3/kv/range", {"key": _b64(key)})["kvs"][0]
+    kv = etcd.call("/v3/kv/range", {"key": b64(key)})["kvs"][0]
     lease = int(kv["lease"])
     ttl = etcd.call("/v3/lease/timetolive", {"ID": lease})
     assert 0 < int(ttl["TTL"]) <= TTL
@@ -78,11 +79,11 @@ def test_record_is_published_under_a_lease(worker: WorkerProcess, etcd: EtcdServ
 
 def test_a_lost_lease_is_granted_again(worker: WorkerProcess, etcd: EtcdServer) -> None:
     (key, _), = records(etcd).items()
-    lease = int(etcd.call("/v3/kv/range", {"key": _b64(key)})["kvs"][0]["lease"])
+    lease = int(etcd.call("/v3/kv/range", {"key": b64(key)})["kvs"][0]["lease"])
     etcd.call("/v3/lease/revoke", {"ID": lease})  # deletes the key with it
     assert records(etcd) == {}
     wait_for(lambda: records(etcd), TTL + 5, what="the key put again under a new lease")
-    new_lease = int(etcd.call("/v3/kv/range", {"key": _b64(key)})["kvs"][0]["lease"])
+    new_lease = int(etcd.call("/v3/kv/range", {"key": b64(key)})["kvs"][0]["lease"])
     assert new_lease != lease
 
 
@@ -154,7 +155,7 @@ def test_sigkilled_worker_key_expires_within_the_ttl(worker: WorkerProcess,
                                                      etcd: EtcdServer) -> None:
     _, revision = etcd.get_prefix(PREFIX)
     (key, _), = records(etcd).items()
-    lease = int(etcd.call("/v3/kv/range", {"key": _b64(key)})["kvs"][0]["lease"])
+    lease = int(etcd.call("/v3/kv/range", {"key": b64(key)})["kvs"][0]["lease"])
     with EtcdWatch(etcd, PREFIX, revision + 1) as watch:
         left = int(etcd.call("/v3/lease/timetolive", {"ID": lease})["TTL"])
         killed = time.monotonic()
@@ -165,9 +166,3 @@ def test_sigkilled_worker_key_expires_within_the_ttl(worker: WorkerProcess,
     # down: +1), plus etcd's 0.5 s expiry check, plus slack for a loaded 2-core machine.
     assert deleted - killed <= left + 1 + 0.5 + 1.0, (left, deleted - killed)
     assert records(etcd) == {}
-
-
-def _b64(text: str) -> str:
-    import base64
-
-    return base64.b64encode(text.encode()).decode()
