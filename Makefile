@@ -15,12 +15,16 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-deps demo test lint typecheck unit integration bench wheel deb engine-deb clean
+.PHONY: setup system-deps criu demo test lint typecheck unit integration bench wheel deb engine-deb clean
 
-setup: $(STAMP) system-deps
+setup: $(STAMP) system-deps criu
 
 system-deps:
 	@scripts/install-system-deps
+
+# CRIU 4.2 for the checkpoint/restore tests (.criu/bin/criu); see the script.
+criu: system-deps
+	@scripts/install-criu
 
 $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 	$(PYTHON) -m venv $(VENV)

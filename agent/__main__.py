@@ -19,6 +19,7 @@ from typing import NoReturn
 from . import logs
 from .config import Config, ConfigError, load
 from .protocol import Env, ExitCode
+from .snapshot import SnapshotConfigError, SnapshotSettings, set_capture_env, settings_from_env
 
 log = logging.getLogger("dynamo_vllm.worker")
 
@@ -78,23 +79,30 @@ def run(config_path: str, index: int = 0, debug: bool = False) -> NoReturn:
     for warning in config.warnings:
         log.warning("%s", warning)
     own_metrics_dir = _prepare_environment(index)
+    try:
+        snapshot = settings_from_env(os.environ, config.checkpoint.timeout,
+                                     config.checkpoint.sleep_level, config.checkpoint.env_allow)
+    except SnapshotConfigError as exc:
+        _exit(_config_error(exc.errors))
+    capture_env = set_capture_env(os.environ) if snapshot and snapshot.at_start else {}
     code: int
     try:
-        code = _run_worker(config, index, debug)
+        code = _run_worker(config, index, debug, snapshot, capture_env)
     finally:
         if own_metrics_dir:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
     _exit(code)
 
 
-def _run_worker(config: Config, index: int, debug: bool) -> int:
+def _run_worker(config: Config, index: int, debug: bool, snapshot: SnapshotSettings | None,
+                capture_env: dict[str, str | None]) -> int:
     # Imported only now: they import prometheus_client, and the metrics directory had to
     # be set first.
     from .server import PortInUse
     from .worker import EngineConfigError, EngineStartError, Worker, refused_engine_key
 
     try:
-        return int(asyncio.run(Worker(config, index).run()))
+        return int(asyncio.run(Worker(config, index, snapshot, capture_env).run()))
     except EngineConfigError as exc:
         return _config_error([f"{refused_engine_key(config, str(exc))}: vLLM refused the "
                               f"engine arguments: {exc}"])

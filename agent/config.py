@@ -228,6 +228,52 @@ class LoraSection:
                                               "loading at run time is off.", _absolute_paths)
 
 
+def _keep(value: Any) -> str | None:
+    return None if 1 <= value <= 100 else "must be from 1 to 100"
+
+
+def _sleep_level(value: Any) -> str | None:
+    return None if value in (0, 1, 2) else "must be 0, 1 or 2"
+
+
+def _absolute_or_empty(value: Any) -> str | None:
+    return None if not value or os.path.isabs(value) else f"{value!r} is not an absolute path"
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_names(value: Any) -> str | None:
+    for name in value:
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            return f"{name!r} is not an environment variable name"
+    return None
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    enabled: bool = _setting(False, "Checkpoint/restore (CHREK): restore workers from a CRIU "
+                                    "checkpoint instead of a cold start.")
+    store: str = _setting("", "Directory of the checkpoints (default: $STATE_DIRECTORY/"
+                              "checkpoints under systemd, else <runtime dir>/checkpoints). "
+                              "Private to the service user.", _absolute_or_empty)
+    keep: int = _setting(2, "Complete checkpoints kept; older ones are removed.", _keep)
+    auto: bool = _setting(True, "Take a checkpoint after a cold start when none is stored for "
+                                "the worker's current hash.")
+    restore: bool = _setting(True, "Restore at start when a checkpoint for the current hash "
+                                   "is stored.")
+    criu: str = _setting("criu", "The CRIU binary (4.2 or newer on kernels from 6.16).")
+    criu_libdir: str = _setting("", "CRIU plugin directory (the CUDA plugin on GPUs); empty: "
+                                    "CRIU's default.", _absolute_or_empty)
+    timeout: float = _setting(600.0, "Seconds a dump or a restore may take; a worker waiting "
+                                     "for its checkpoint resumes serving after this long.",
+                              _positive)
+    sleep_level: int = _setting(1, "Sleep level before a dump (1: weights offloaded and KV "
+                                   "freed on GPUs; the CPU engine only pauses).", _sleep_level)
+    env_allow: list[str] = _setting(None, "Extra environment names a restored worker refreshes "
+                                          "from restore-context.json.", _env_names)
+
+
 @dataclass(frozen=True)
 class LoggingSection:
     level: str = _setting("info", "debug, info, warning or error.", _log_level)
@@ -242,6 +288,7 @@ SECTIONS: dict[str, type] = {
     "discovery": DiscoverySection,
     "sleep": SleepSection,
     "lora": LoraSection,
+    "checkpoint": CheckpointSection,
     "logging": LoggingSection,
 }
 
@@ -265,6 +312,7 @@ class Config:
     discovery: DiscoverySection
     sleep: SleepSection
     lora: LoraSection
+    checkpoint: CheckpointSection
     logging: LoggingSection
     engine: dict[str, Any]
     """vLLM engine arguments, passed through as `--key value` (vLLM validates them)."""

@@ -1,4 +1,5 @@
-"""The worker's control routes: sleep, wake, is_sleeping, clear_kv_blocks, LoRA load/unload.
+"""The worker's control routes: sleep, wake, is_sleeping, clear_kv_blocks, LoRA load/unload,
+and snapshot (pause for a checkpoint).
 
 They change state, so by default they answer only clients on loopback, whatever address the
 worker listens on (`workers.control_from_network = true` opts in). Every answer is
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from .lifecycle import SLEEP_LEVELS, WAKE_TAGS, Reply, SleepController, error, ok
@@ -24,6 +26,7 @@ ROUTES = {
     Route.ENGINE_WAKE: "POST",
     Route.ENGINE_IS_SLEEPING: "GET",
     Route.ENGINE_CLEAR_KV: "POST",
+    Route.ENGINE_SNAPSHOT: "POST",
     Route.LOAD_LORA: "POST",
     Route.UNLOAD_LORA: "POST",
 }
@@ -89,6 +92,8 @@ class ControlRoutes:
         self.controller: SleepController | None = None
         self.engine: Any = None
         self.lora = lora
+        # Set when the worker may be checkpointed while serving (a control directory).
+        self.snapshot: Callable[[], Reply] | None = None
 
     async def handle(self, method: str, path: str, raw: bytes, client: str | None) -> Reply:
         if ROUTES[path] != method:
@@ -109,6 +114,12 @@ class ControlRoutes:
                           **self.controller.describe())
             if path in (Route.LOAD_LORA, Route.UNLOAD_LORA):
                 return await self._lora(path, body)
+            if path == Route.ENGINE_SNAPSHOT:
+                _only(body, set())
+                if self.snapshot is None:
+                    return error(409, "checkpoints are off for this worker (no control "
+                                      "directory; checkpoint.enabled)")
+                return self.snapshot()
             _only(body, set())
             return await self._clear_kv()
         except BadRequest as exc:

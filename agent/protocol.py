@@ -73,6 +73,8 @@ class WorkerState(enum.StrEnum):
     SLEEPING = "sleeping"
     UNHEALTHY = "unhealthy"
     DEAD = "dead"
+    CHECKPOINT = "checkpoint"
+    """Paused and waiting for a checkpoint (`ready-for-snapshot` written)."""
 
 
 class Route:
@@ -84,6 +86,7 @@ class Route:
     ENGINE_WAKE = "/engine/wake_up"
     ENGINE_IS_SLEEPING = "/engine/is_sleeping"
     ENGINE_CLEAR_KV = "/engine/clear_kv_blocks"
+    ENGINE_SNAPSHOT = "/engine/snapshot"
     LOAD_LORA = "/v1/load_lora_adapter"
     UNLOAD_LORA = "/v1/unload_lora_adapter"
     # The supervisor's
@@ -91,6 +94,8 @@ class Route:
     HEALTHZ = "/healthz"
     ENDPOINTS = "/endpoints"
     SERVICE_DISCOVERY = "/sd"
+    CHECKPOINT = "/checkpoint"
+    RESTORE = "/restore"
 
 
 class Env:
@@ -110,6 +115,17 @@ class Env:
     DISCOVERY_DIR = "DYNAMO_VLLM_DISCOVERY_DIR"
     # Dynamo's name: etcd endpoints, comma-separated (overrides discovery.etcd_endpoints).
     ETCD_ENDPOINTS = "ETCD_ENDPOINTS"
+    # Checkpoint/restore (Dynamo's newest protocol, G4): the control directory turns snapshot
+    # mode on at start; the split-out project's name is accepted too.
+    SNAPSHOT_CONTROL_DIR = "DYN_SNAPSHOT_CONTROL_DIR"
+    SNAPSHOT_CONTROL_DIR_ALT = "SNAPSHOT_CONTROL_DIR"
+    CHECKPOINT_HASH = "DYN_CHECKPOINT_HASH"
+    CHECKPOINT_LOCATION = "DYN_CHECKPOINT_LOCATION"
+    CHECKPOINT_PATH = "DYN_CHECKPOINT_PATH"
+    CHECKPOINT_PREFIX = "DYN_CHECKPOINT_"
+    # Ours: the control directory of a worker that may be asked for a checkpoint while it
+    # serves (POST /engine/snapshot); snapshot mode at start needs DYN_SNAPSHOT_CONTROL_DIR.
+    CONTROL_DIR = "DYNAMO_VLLM_CONTROL_DIR"
     # Set for every engine process: no telemetry leaves the machine, and vLLM's message
     # queue binds to loopback unless the operator says otherwise.
     ENGINE_DEFAULTS: Final[Mapping[str, str]] = MappingProxyType({
@@ -117,6 +133,21 @@ class Env:
         "DO_NOT_TRACK": "1",
         "VLLM_HOST_IP": "127.0.0.1",
     })
+
+
+class Marker:
+    """Files in a worker's control directory (Dynamo's G4 sentinel names)."""
+
+    READY = "ready-for-snapshot"
+    """Written by the worker: paused, asleep, ready to be dumped."""
+    RESTORE_COMPLETE = "restore-complete"
+    """Written by the checkpointer: wake up and serve (after a restore, or no dump taken)."""
+    SNAPSHOT_COMPLETE = "snapshot-complete"
+    """Written by the checkpointer: the checkpoint is taken, exit with CHECKPOINTED."""
+    RESTORE_CONTEXT = "restore-context.json"
+    """`{"env": {NAME: value|null}}`: allow-listed environment to refresh after a restore."""
+    ALL = (READY, RESTORE_COMPLETE, SNAPSHOT_COMPLETE, RESTORE_CONTEXT)
+    MAX_BYTES = 64 * 1024
 
 
 class Metric:

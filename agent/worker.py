@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 from .canary import Canary
-from .config import Config
+from .config import Config, apply_env
 from .control import ControlRoutes
 from .discovery import Discovery, EndpointRecord, NoDiscovery
 from .discovery.etcd import EtcdDiscovery, record_key
@@ -38,6 +40,15 @@ from .processes import descendants, kill_all, shutdown_engine
 from .protocol import Env, ExitCode, Label, WorkerState
 from .publisher import StatLoggerFactory
 from .server import WorkerApp, bind_socket, make_server
+from .snapshot import (
+    Answer,
+    Outcome,
+    SnapshotSettings,
+    apply_env_changes,
+    set_parent_death_signal,
+    undo_capture_env,
+    wait_for_checkpointer,
+)
 from .status import WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -51,8 +62,12 @@ class EngineStartError(Exception):
 
 
 class Worker:
-    def __init__(self, config: Config, index: int):
+    def __init__(self, config: Config, index: int, snapshot: SnapshotSettings | None = None,
+                 capture_env: dict[str, str | None] | None = None):
         self.config = config
+        self.snapshot = snapshot
+        self.capture_env = dict(capture_env or {})
+        self._snapshot_task: asyncio.Task[None] | None = None
         self.index = index
         self.port = config.worker_port(index)
         self.status = WorkerStatus()
@@ -70,6 +85,8 @@ class Worker:
         self.lora = LoraAdapters(list(config.lora.allowed_roots or []), self._republish)
         self.control = ControlRoutes(allow_remote=config.workers.control_from_network,
                                      lora=self.lora)
+        if snapshot is not None:
+            self.control.snapshot = self.request_snapshot
 
     def _discovery(self) -> Discovery:
         settings = self.config.discovery
@@ -235,6 +252,8 @@ class Worker:
                 inflight=config.sleep.inflight, drain_timeout=config.sleep.drain_timeout,
                 memory_release=bool(getattr(engine.model_config, "enable_sleep_mode", False)),
                 admitted=lambda: app.inflight)
+            if self.snapshot is not None and self.snapshot.at_start and self.exit_code is None:
+                await self._snapshot_at_start(engine)
             if self.exit_code is None:
                 self._set_state(WorkerState.SERVING, f"serving {config.served_name}")
                 await self.register()
@@ -263,6 +282,8 @@ class Worker:
             if not self._stop.is_set():
                 self.fail(ExitCode.UNHEALTHY, "the HTTP server stopped unexpectedly")
             stop_wait.cancel()
+            if self._snapshot_task is not None:
+                self._snapshot_task.cancel()
             # Out of discovery first, so no new request is routed here while we go.
             await self.unregister()
             for watcher in watchers:
@@ -271,6 +292,102 @@ class Worker:
                 # Let requests in flight finish while vLLM's app still stands.
                 await self._stop_server(server, serve_task, force=False)
             app.inner = None  # vLLM's app is torn down with its lifespan below
+
+    # ------------------------------------------------------------ checkpoint/restore
+
+    async def _snapshot_at_start(self, engine: Any) -> None:
+        """Warm up, pause, sleep, and wait for the checkpointer (before serving at all)."""
+        assert self.snapshot is not None
+        from vllm import SamplingParams
+
+        started = time.monotonic()
+        prompt = {"prompt_token_ids": [_bos_token_id(engine) or 1]}
+        async for _ in engine.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0),
+                                       request_id="dynamo-snapshot-warmup"):
+            pass
+        await engine.pause_generation(mode="abort", clear_cache=False)
+        level = self._sleep_level(engine)
+        if level >= 1:
+            await engine.sleep(level)
+        log.info("worker %d warmed up and paused for a checkpoint in %.1f s", self.index,
+                 time.monotonic() - started)
+        answer = await self._wait_for_checkpointer()
+        if answer.outcome is Outcome.CHECKPOINTED:
+            return
+        if level >= 1:
+            await engine.wake_up(None)
+        await engine.resume_generation()
+        self.status.progressed()
+
+    def _sleep_level(self, engine: Any) -> int:
+        assert self.snapshot is not None
+        # The CPU engine has no sleep mode: pausing is all it can do.
+        if not getattr(engine.model_config, "enable_sleep_mode", False):
+            return 0
+        return self.snapshot.sleep_level
+
+    async def _wait_for_checkpointer(self) -> Answer:
+        assert self.snapshot is not None
+        self._set_state(WorkerState.CHECKPOINT, "paused, ready for a checkpoint")
+        # The process image should not carry garbage, and CRIU restores the parent-death
+        # signal while the restored process's first parent (criu) exits at once.
+        gc.collect()
+        set_parent_death_signal(0)
+        answer = await wait_for_checkpointer(self.snapshot, self.index)
+        if answer.outcome is Outcome.CHECKPOINTED:
+            log.info("worker %d: checkpoint taken; exiting", self.index)
+            self.exit_code = ExitCode.CHECKPOINTED
+            self._set_state(WorkerState.DRAINING, "checkpoint taken; exiting")
+            self._stop.set()
+            return answer
+        self._after_restore(answer)
+        return answer
+
+    def _after_restore(self, answer: Answer) -> None:
+        """Refresh what CRIU brought back from checkpoint time: the environment, the parent
+        to die with, and the discovery backend that reads them."""
+        apply_env_changes(os.environ, answer.env_changes)
+        undo_capture_env(os.environ, self.capture_env)
+        self.capture_env = {}
+        supervisor = os.environ.get(Env.SUPERVISOR_PID)
+        if supervisor and str(os.getppid()) == supervisor:
+            set_parent_death_signal(signal.SIGTERM)
+        elif supervisor:
+            log.warning("worker %d: parent %d is not the supervisor %s; not tied to it",
+                        self.index, os.getppid(), supervisor)
+        self.config = apply_env(self.config, os.environ)
+        self.instance = os.environ.get(Env.INSTANCE) or self.config.served_name
+        self.discovery = self._discovery()
+        what = ("restored" if answer.outcome is Outcome.RESTORED
+                else "no checkpointer answered")
+        log.info("worker %d: %s after %.1f s (%d environment name(s) refreshed)", self.index,
+                 what, answer.waited_s, len(answer.env_changes))
+
+    def request_snapshot(self) -> tuple[int, dict[str, Any]]:
+        """POST /engine/snapshot: leave the pool, pause, and wait for a checkpoint."""
+        controller = self.control.controller
+        if controller is None or not self.status.serving:
+            return 409, {"status": "error", "message": "a checkpoint is taken only while "
+                         f"serving; the worker is {self.status.state.value}"}
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return 409, {"status": "error", "message": "already waiting for a checkpoint"}
+        self._snapshot_task = asyncio.create_task(self._snapshot_on_request(controller),
+                                                  name="snapshot")
+        return 202, {"status": "ok", "message": "draining; ready-for-snapshot follows"}
+
+    async def _snapshot_on_request(self, controller: SleepController) -> None:
+        assert self.snapshot is not None
+        code, reply = await controller.sleep(self._sleep_level(controller.engine))
+        if code != 200:
+            log.error("worker %d: cannot pause for a checkpoint: %s", self.index,
+                      reply.get("message"))
+            return
+        answer = await self._wait_for_checkpointer()
+        if answer.outcome is Outcome.CHECKPOINTED:
+            return
+        code, reply = await controller.wake(None)
+        if code != 200:
+            self.fail(ExitCode.UNHEALTHY, f"cannot wake after a checkpoint: {reply.get('message')}")
 
     async def _stop_server(self, server: Any, serve_task: asyncio.Task[None],
                            force: bool) -> None:

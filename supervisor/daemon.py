@@ -34,10 +34,14 @@ from dynamo_vllm.agent.discovery.file import read_records
 from dynamo_vllm.agent.protocol import ExitCode, Route
 
 from . import http_client
+from .checkpoint_identity import gpu_names, worker_view
+from .chrek import CheckpointCoordinator
+from .criu import CheckpointError
 from .devices import assign, detect_gpus, split_cpus
 from .engine_install import engine_python
 from .http import StatusServer, Unavailable
 from .metrics import (
+    CheckpointMetrics,
     GpuCollector,
     GuardedCollectors,
     NodeCollector,
@@ -55,7 +59,9 @@ TICK_S = 0.5
 EXTEND_BY_S = 60.0
 EXTEND_EVERY_S = 20.0
 RESTART_REASONS = ("engine_dead", "engine_hung", "worker_hung", "start_timeout",
-                   "stop_timeout", "exited", "crashed", "killed")
+                   "stop_timeout", "checkpoint_timeout", "exited", "crashed", "killed")
+# How long a checkpoint/restore event stays in STATUS=.
+EVENT_SHOWN_S = 300.0
 
 
 class StartupError(Exception):
@@ -112,6 +118,12 @@ class Supervisor:
         self.registry.register(GuardedCollectors(collectors))
         self.server: StatusServer | None = None
         self._target_publisher: EtcdDiscovery | None = None
+        self.chrek: CheckpointCoordinator | None = None
+        if config.checkpoint.enabled:
+            self.chrek = CheckpointCoordinator(config, runtime_dir,
+                                               CheckpointMetrics(self.registry))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._zombies: set[int] = set()
 
     # ---------------------------------------------------------------- set-up
 
@@ -216,6 +228,7 @@ class Supervisor:
 
     async def run(self) -> ExitCode:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         discovery_dir = self.discovery_dir(self.config)
         if discovery_dir is not None:
@@ -226,11 +239,15 @@ class Supervisor:
                 raise StartupError(f"discovery.path: cannot create {discovery_dir}: "
                                    f"{exc.strerror or exc}") from None
         specs = self._specs(self.config)
+        if self.chrek is not None:
+            # Before the port check: a worker left waiting for a checkpoint holds its port.
+            await self.chrek.prepare(specs, await asyncio.to_thread(gpu_names))
         self._check_ports(specs)
         try:
             self.server = StatusServer(self.config.metrics.host, self.config.metrics.port,
                                        self.registry, lambda: self._snapshot, self.endpoints,
-                                       self.scrape_targets)
+                                       self.scrape_targets, self._control,
+                                       self.config.workers.control_from_network)
         except OSError as exc:
             raise StartupError(f"metrics.port: cannot listen on {self.config.metrics.host}:"
                                f"{self.config.metrics.port}: {exc.strerror or exc}") from None
@@ -257,6 +274,8 @@ class Supervisor:
     def _add_worker(self, spec: WorkerSpec) -> WorkerHandle:
         handle = WorkerHandle(spec=spec, policy=self._policy())
         self.metrics.init_worker(handle.name, RESTART_REASONS)
+        if self.chrek is not None:
+            self.chrek.watch(handle)
         self.metrics.set_worker_state(handle.name, handle.phase.value)
         self.handles.append(handle)
         self.tasks[spec.index] = asyncio.create_task(self._supervise(handle),
@@ -279,6 +298,8 @@ class Supervisor:
                 self._reload_requested.clear()
                 self._reload_task = asyncio.create_task(self._reload(), name="reload")
             self._tick()
+            if self.chrek is not None:
+                self._reap_orphans()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), TICK_S)
 
@@ -352,6 +373,8 @@ class Supervisor:
         for h in self.handles:
             if h.phase in (Phase.STARTING, Phase.LOADING) and h.started_at:
                 parts.append(f"worker {h.name} loading ({now - h.started_at:.0f} s)")
+            elif h.phase in (Phase.RESTORING, Phase.CHECKPOINT):
+                parts.append(f"worker {h.name} {h.phase.value} ({now - h.phase_since:.0f} s)")
             elif h.phase is Phase.FAILED:
                 parts.append(f"worker {h.name} given up: {h.failed_reason}")
             elif h.phase is Phase.BACKOFF:
@@ -362,6 +385,10 @@ class Supervisor:
             last = max(recent, key=lambda h: h.last_restart_at or 0.0)
             parts.append(f"worker {last.name} restarted {ago(now - (last.last_restart_at or now))}"
                          f": {last.last_restart_reason}")
+        if self.chrek is not None and self.chrek.last_event:
+            since, event = self.chrek.last_event_at, self.chrek.last_event
+            if now - since < EVENT_SHOWN_S:
+                parts.append(event)
         return "; ".join(parts)
 
     def _build_snapshot(self, text: str, now: float) -> dict[str, Any]:
@@ -375,6 +402,7 @@ class Supervisor:
             "watchdog": {"enabled": self.notifier.watchdog_interval is not None,
                          "pings": self.notifier.watchdog_pings},
             "workers": [h.as_dict(now) for h in self.handles],
+            "checkpoint": self.chrek.describe() if self.chrek is not None else None,
         }
 
     # ---------------------------------------------------------------- one worker
@@ -390,7 +418,7 @@ class Supervisor:
                 if self.stopping or handle.stop_requested:
                     break
             try:
-                await handle.spawn(dict(os.environ))
+                await self._start(handle)
             except OSError as exc:
                 handle.set_phase(Phase.FAILED)
                 handle.failed_reason = f"cannot start: {exc}"
@@ -406,7 +434,12 @@ class Supervisor:
                 break
             if handle.restart_requested:
                 handle.restart_requested = False
-                log.info("worker %s restarting with the new config", handle.name)
+                log.info("worker %s restarting on request", handle.name)
+                continue
+            if code == ExitCode.CHECKPOINTED and self.chrek is not None \
+                    and killed_for is None:
+                log.info("worker %s ended after its checkpoint; starting it again",
+                         handle.name)
                 continue
             if code in NO_RESTART and killed_for is None:
                 handle.set_phase(Phase.FAILED)
@@ -430,6 +463,61 @@ class Supervisor:
             log.warning("worker %s ended (%s); restarting (reason %s)", handle.name,
                         handle.last_exit, reason)
 
+    async def _start(self, handle: WorkerHandle) -> None:
+        """Restore the worker from its checkpoint when there is one, else spawn it cold."""
+        chrek = self.chrek
+        if chrek is not None:
+            if chrek.can_restore(handle.spec):
+                try:
+                    await chrek.restore(handle)
+                    chrek.started(handle)
+                    return
+                except CheckpointError as exc:
+                    chrek.restore_failed(handle, exc)
+                    await handle.clean_up_group(grace=2.0)
+            handle.spec.extra_env = chrek.spawn_env(handle.spec)
+        await handle.spawn(dict(os.environ))
+        if chrek is not None:
+            chrek.started(handle)
+
+    def _reap_orphans(self) -> None:
+        """As a child subreaper the supervisor inherits orphans (an engine process whose
+        worker died): reap them. Only zombies seen twice, so that asyncio's own child
+        watcher always collects its processes first."""
+        import psutil
+
+        ours = {h.proc.pid for h in self.handles if h.proc is not None}
+        try:
+            zombies = {p.pid for p in psutil.Process().children()
+                       if p.pid not in ours and p.status() == psutil.STATUS_ZOMBIE}
+        except psutil.Error:
+            return
+        for pid in zombies & self._zombies:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        self._zombies = zombies
+
+    def _control(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST /checkpoint and /restore, from the HTTP server's thread."""
+        if self.chrek is None:
+            return 409, {"error": "checkpoints are off (checkpoint.enabled = false)"}
+        worker = body.get("worker", 0)
+        if isinstance(worker, bool) or not isinstance(worker, int):
+            return 400, {"error": f"worker must be a worker index, got {worker!r}"}
+        if set(body) - {"worker"}:
+            return 400, {"error": f"unknown field {sorted(set(body) - {'worker'})[0]!r} "
+                                  "(allowed: worker)"}
+        chrek, loop = self.chrek, self._loop
+        assert loop is not None
+
+        async def call() -> tuple[int, dict[str, Any]]:
+            if path == Route.CHECKPOINT:
+                return await chrek.request_checkpoint(str(worker))
+            return chrek.request_restore(str(worker))
+
+        future = asyncio.run_coroutine_threadsafe(call(), loop)
+        return future.result(timeout=self.config.checkpoint.timeout + 60)
+
     async def _watch(self, handle: WorkerHandle) -> tuple[int | None, str | None]:
         """Until the worker exits: poll /health, kill it if hung or too slow to start."""
         assert handle.proc is not None
@@ -437,7 +525,10 @@ class Supervisor:
         exited = asyncio.ensure_future(handle.proc.wait())
         killed_for: str | None = None
         while True:
-            done, _ = await asyncio.wait({exited}, timeout=health.poll_interval)
+            # Restores take seconds: poll them closely, so that serving is seen at once.
+            interval = health.poll_interval if handle.phase not in (
+                Phase.RESTORING, Phase.CHECKPOINT) else min(health.poll_interval, 0.2)
+            done, _ = await asyncio.wait({exited}, timeout=interval)
             if done:
                 return exited.result(), killed_for
             if killed_for or handle.phase is Phase.STOPPING:
@@ -457,8 +548,10 @@ class Supervisor:
         except (TimeoutError, http_client.PollError) as exc:
             # Before the port is bound "connection refused" is normal; a worker that said it
             # is ending is bounded by stop_timeout below instead.
-            expected = handle.ending or (isinstance(exc, http_client.PollError)
-                                         and handle.phase is Phase.STARTING)
+            # A worker being dumped is frozen by CRIU: bounded by checkpoint_timeout instead.
+            expected = handle.ending or handle.phase is Phase.CHECKPOINT or (
+                isinstance(exc, http_client.PollError)
+                and handle.phase in (Phase.STARTING, Phase.RESTORING))
             if not expected:
                 handle.poll_failures += 1
                 log.warning("worker %s: /health did not answer (%d/%d): %s", handle.name,
@@ -472,6 +565,8 @@ class Supervisor:
                 if phase is Phase.SERVING and code == 200 and not handle.serving:
                     handle.serving_since = now
                     handle.policy.record_success()
+                    if self.chrek is not None:
+                        self.chrek.serving(handle)
                     if handle.started_at is not None:
                         self.metrics.start_seconds.labels(worker=handle.name).set(
                             now - handle.started_at)
@@ -482,9 +577,14 @@ class Supervisor:
             return "worker_hung"
         if handle.ending and now - handle.phase_since > self.config.workers.stop_timeout:
             return "stop_timeout"
-        if (handle.phase in (Phase.STARTING, Phase.LOADING) and handle.started_at is not None
+        if (handle.phase in (Phase.STARTING, Phase.RESTORING, Phase.LOADING)
+                and handle.started_at is not None
                 and now - handle.started_at > self.config.workers.start_timeout):
             return "start_timeout"
+        if handle.phase is Phase.CHECKPOINT and \
+                now - handle.phase_since > self.config.checkpoint.timeout + 60:
+            # The worker resumes by itself after checkpoint.timeout; this one does not.
+            return "checkpoint_timeout"
         return None
 
     # ---------------------------------------------------------------- reload and stop
@@ -501,8 +601,13 @@ class Supervisor:
             self.notifier.ready(f"reload refused ({errors[0]}); running the previous config")
             return
         old = self.config
-        worker_view_changed = _worker_view(old) != _worker_view(new)
+        worker_view_changed = worker_view(old) != worker_view(new)
         self.config = new
+        if self.chrek is not None:
+            self.chrek.config = new
+            names = await asyncio.to_thread(gpu_names)
+            for spec in specs:
+                await self.chrek.assign(spec, names)
         self._write_effective_config()
         for handle in self.handles:
             handle.policy.initial = new.workers.restart_backoff
@@ -558,6 +663,8 @@ class Supervisor:
             self._reload_task.cancel()
             await asyncio.gather(self._reload_task, return_exceptions=True)
         self.notifier.stopping(f"stopping {len(self.handles)} worker(s)")
+        if self.chrek is not None:
+            self.chrek.stop()
         timeout = self.config.workers.stop_timeout
         await asyncio.gather(*(h.stop(timeout) for h in self.handles), return_exceptions=True)
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -586,23 +693,6 @@ class _Document:
 
     def to_dict(self) -> dict[str, Any]:
         return self.data
-
-
-def _worker_view(config: Config) -> dict[str, Any]:
-    """The parts of a config a running worker depends on: a change means a restart."""
-    data = config.to_dict()
-    for key in ("restart_backoff", "restart_backoff_max", "crash_loop_restarts",
-                "crash_loop_window", "start_timeout", "stop_timeout"):
-        data["workers"].pop(key, None)
-    for key in ("poll_interval", "poll_timeout", "poll_failures"):
-        data["health"].pop(key, None)
-    data.pop("watchdog", None)
-    data.pop("logging", None)
-    data["metrics"].pop("port", None)
-    data["metrics"].pop("host", None)
-    data["workers"].pop("count", None)
-    data["workers"].pop("min_ready", None)
-    return data
 
 
 def _children() -> list[int]:

@@ -1,8 +1,11 @@
-"""The supervisor's local HTTP endpoint: /metrics, /status, /endpoints, /sd and /healthz.
+"""The supervisor's local HTTP endpoint: /metrics, /status, /endpoints, /sd and /healthz,
+and the two routes that change state, POST /checkpoint and POST /restore.
 
 A `ThreadingHTTPServer` in a daemon thread, so a slow scrape never stalls the main loop
-(which must keep pinging the watchdog). It only reads: a status snapshot the main loop
-replaces whole on every tick, and the metrics registry. Loopback by default.
+(which must keep pinging the watchdog). The GET routes only read: a status snapshot the
+main loop replaces whole on every tick, and the metrics registry. The POST routes hand their
+work to the main loop and answer only loopback clients unless the operator opts in
+(`workers.control_from_network`). Loopback by default.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from dynamo_vllm.agent.control import BadRequest, is_loopback, parse_body
 from dynamo_vllm.agent.protocol import Route
 
 log = logging.getLogger(__name__)
+
+
+MAX_BODY = 64 * 1024
+# (route, JSON body) -> (status, answer): run by the supervisor on its loop.
+Control = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]
 
 
 class Unavailable(Exception):
@@ -29,8 +38,11 @@ class StatusServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  snapshot: Callable[[], dict[str, Any]],
                  endpoints: Callable[[], dict[str, Any]],
-                 scrape_targets: Callable[[bool], list[dict[str, Any]]] = lambda fleet: []):
+                 scrape_targets: Callable[[bool], list[dict[str, Any]]] = lambda fleet: [],
+                 control: Control | None = None, control_from_network: bool = False):
         self.registry = registry
+        self.control = control
+        self.control_from_network = control_from_network
         self.snapshot = snapshot
         self.endpoints = endpoints
         self.scrape_targets = scrape_targets
@@ -68,7 +80,31 @@ class StatusServer:
                     self._send_json(500, {"error": f"{type(exc).__name__}: {exc}"})
 
             def do_POST(self) -> None:
-                self._send_json(405, {"error": "this endpoint only reads (GET)"})
+                path = self.path.partition("?")[0]
+                if path not in (Route.CHECKPOINT, Route.RESTORE) or server.control is None:
+                    self._send_json(405, {"error": f"{path} only reads (GET); POST goes to "
+                                                   f"{Route.CHECKPOINT} or {Route.RESTORE}"})
+                    return
+                if not server.control_from_network and not is_loopback(self.client_address[0]):
+                    self._send_json(403, {"error": "state-changing routes answer loopback "
+                                                   "clients only (workers.control_from_network)"})
+                    return
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    if not 0 <= length <= MAX_BODY:
+                        raise BadRequest(f"the body must be at most {MAX_BODY} bytes")
+                    body = parse_body(self.rfile.read(length))
+                    code, answer = server.control(path, body)
+                except BadRequest as exc:
+                    code, answer = 400, {"error": str(exc)}
+                except ValueError:
+                    code, answer = 400, {"error": "Content-Length is not a number"}
+                except TimeoutError:
+                    code, answer = 503, {"error": "no answer from the supervisor's loop in time"}
+                except Exception as exc:
+                    log.exception("error answering POST %s", path)
+                    code, answer = 500, {"error": f"{type(exc).__name__}: {exc}"}
+                self._send_json(code, answer)
 
             def _send_json(self, code: int, body: Any) -> None:
                 self._send(code, json.dumps(body).encode(), "application/json")

@@ -217,3 +217,48 @@ class SupervisorMetrics:
     def init_worker(self, worker: str, reasons: Iterable[str]) -> None:
         for reason in reasons:
             self.restarts.labels(worker=worker, reason=reason)
+
+
+CHECKPOINT_RESULTS = ("taken", "failed", "skipped")
+RESTORE_RESULTS = ("restored", "cold_start")
+
+
+class CheckpointMetrics:
+    """`dynamo_agent_checkpoint_*` and `dynamo_agent_restore*`: checkpoint/restore (CHREK)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.available = Gauge(f"{PREFIX}_checkpoint_available",
+                               "1 when the checkpointer works on this host (criu check).",
+                               registry=registry)
+        self.checkpoints = Counter(f"{PREFIX}_checkpoints",
+                                   "Checkpoints by result: taken, failed, or skipped (one for "
+                                   "the hash was stored already).", ["worker", "result"],
+                                   registry=registry)
+        self.duration = Gauge(f"{PREFIX}_checkpoint_duration_seconds",
+                              "Seconds the worker's last checkpoint took (dump and store).",
+                              ["worker"], registry=registry)
+        self.size = Gauge(f"{PREFIX}_checkpoint_size_bytes",
+                          "Size of the worker's last checkpoint.", ["worker"], registry=registry)
+        self.stored = Gauge(f"{PREFIX}_checkpoints_stored", "Complete checkpoints in the store.",
+                            registry=registry)
+        self.restores = Counter(f"{PREFIX}_restores",
+                                "Restores by result: restored, or cold_start when a restore "
+                                "failed and the worker started cold.", ["worker", "result"],
+                                registry=registry)
+        self.restore_duration = Gauge(f"{PREFIX}_restore_duration_seconds",
+                                      "Seconds the worker's last restore took, from `criu "
+                                      "restore` to serving.", ["worker"], registry=registry)
+        self.restored = Gauge(f"{PREFIX}_worker_restored",
+                              "1 when the worker's current life was restored from a "
+                              "checkpoint, 0 when it started cold.", ["worker"],
+                              registry=registry)
+        self.marker_errors = Counter(f"{PREFIX}_marker_errors",
+                                     "Malformed, symlinked or unexpected marker files, ignored.",
+                                     registry=registry)
+
+    def init_worker(self, worker: str) -> None:
+        for result in CHECKPOINT_RESULTS:
+            self.checkpoints.labels(worker=worker, result=result)
+        for result in RESTORE_RESULTS:
+            self.restores.labels(worker=worker, result=result)
+        self.restored.labels(worker=worker).set(0)

@@ -38,7 +38,9 @@ class Phase(enum.StrEnum):
     """The supervisor's view of a worker; `serving` etc. come from the worker's /health."""
 
     STARTING = "starting"
+    RESTORING = "restoring"
     LOADING = "loading"
+    CHECKPOINT = "checkpoint"
     SERVING = "serving"
     SLEEPING = "sleeping"
     DRAINING = "draining"
@@ -58,7 +60,48 @@ HEALTH_STATES = {
     "sleeping": Phase.SLEEPING,
     "unhealthy": Phase.UNHEALTHY,
     "dead": Phase.DEAD,
+    "checkpoint": Phase.CHECKPOINT,
 }
+
+
+class RestoredProcess:
+    """A worker brought back by `criu restore --restore-detached`.
+
+    criu exits once the tree runs; the tree's root is then re-parented to the supervisor,
+    which is a child subreaper when checkpoints are on. So it is our child, and is reaped
+    here: a pidfd says when it exits, `waitpid` collects its status.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+        self._exited: asyncio.Future[int] | None = None
+
+    async def wait(self) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        loop = asyncio.get_running_loop()
+        if self._exited is None:
+            self._exited = loop.create_future()
+            loop.add_reader(self._pidfd, self._reap)
+        return await asyncio.shield(self._exited)
+
+    def _reap(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = 1  # not our child after all: it is gone, its status unknown
+        self.returncode = code
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(code)
+
+
+WorkerProcess = asyncio.subprocess.Process | RestoredProcess
 
 
 @dataclass
@@ -73,6 +116,11 @@ class WorkerSpec:
     config_path: Path
     instance: str = ""
     discovery_dir: Path | None = None
+    # Checkpoint/restore: the worker's control directory, and what its checkpoint is.
+    control_dir: Path | None = None
+    checkpoint_hash: str = ""
+    # Set by the checkpoint coordinator before each spawn.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -96,6 +144,7 @@ class WorkerSpec:
             env[CPU_BIND_ENV] = ",".join(str(c) for c in self.cpus)
         for name, value in Env.ENGINE_DEFAULTS.items():
             env.setdefault(name, value)
+        env.update(self.extra_env)
         return env
 
 
@@ -105,7 +154,7 @@ class WorkerHandle:
     policy: RestartPolicy
     phase: Phase = Phase.STOPPED
     phase_since: float = 0.0
-    proc: asyncio.subprocess.Process | None = None
+    proc: WorkerProcess | None = None
     pid: int | None = None
     started_at: float | None = None
     serving_since: float | None = None
@@ -119,6 +168,8 @@ class WorkerHandle:
     health: dict[str, object] = field(default_factory=dict)
     restart_requested: bool = False
     stop_requested: bool = False
+    restored: bool = False
+    restore_started: float | None = None
 
     @property
     def name(self) -> str:
@@ -173,15 +224,26 @@ class WorkerHandle:
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
+        self._started(Phase.STARTING, restored=False)
+        log.info("worker %s started (pid %d, port %d%s)", self.name, self.proc.pid,
+                 self.spec.port, f", GPUs {self.spec.gpus}" if self.spec.gpus else "")
+
+    def adopt(self, pid: int) -> None:
+        """Take on a worker restored from a checkpoint (already our child)."""
+        self.proc = RestoredProcess(pid)
+        self._started(Phase.RESTORING, restored=True)
+        log.info("worker %s restored (pid %d, port %d)", self.name, pid, self.spec.port)
+
+    def _started(self, phase: Phase, restored: bool) -> None:
+        assert self.proc is not None
         self.pid = self.proc.pid
         self.started_at = time.monotonic()
         self.serving_since = None
         self.poll_failures = 0
         self.health = {}
         self.lives += 1
-        self.set_phase(Phase.STARTING)
-        log.info("worker %s started (pid %d, port %d%s)", self.name, self.pid, self.spec.port,
-                 f", GPUs {self.spec.gpus}" if self.spec.gpus else "")
+        self.restored = restored
+        self.set_phase(phase)
 
     def signal_worker(self, sig: signal.Signals) -> None:
         if self.pid is not None:
@@ -247,4 +309,6 @@ class WorkerHandle:
             if self.started_at and self.proc and self.proc.returncode is None else None,
             "serving_for_s": round(now - self.serving_since, 1) if self.serving_since else None,
             "health": self.health,
+            "restored": self.restored,
+            "checkpoint_hash": self.spec.checkpoint_hash or None,
         }
