@@ -59,11 +59,13 @@ METRICS = "metrics"
 CONTEXT_ENV = (Env.SUPERVISOR_PID, Env.INSTANCE, Env.DISCOVERY_DIR, Env.ETCD_ENDPOINTS)
 
 
-def store_root(config: Config, runtime_dir: Path) -> Path:
+def store_root(config: Config, runtime_dir: Path, instance: str) -> Path:
+    """checkpoint.store, else `$STATE_DIRECTORY/checkpoints/<instance>` under systemd (the
+    state directory is shared by the instances), else beside the runtime files."""
     if config.checkpoint.store:
         return Path(config.checkpoint.store)
     state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(state) / "checkpoints" if state else runtime_dir / "checkpoints"
+    return Path(state) / "checkpoints" / instance if state else runtime_dir / "checkpoints"
 
 
 def become_subreaper() -> None:
@@ -104,11 +106,11 @@ async def _reap(pids: list[int], timeout: float = 10.0) -> None:
 
 
 class CheckpointCoordinator:
-    def __init__(self, config: Config, runtime_dir: Path, metrics: CheckpointMetrics,
-                 checkpointer: Checkpointer | None = None):
+    def __init__(self, config: Config, runtime_dir: Path, instance: str,
+                 metrics: CheckpointMetrics, checkpointer: Checkpointer | None = None):
         self.config = config
         settings = config.checkpoint
-        self.store = CheckpointStore(store_root(config, runtime_dir), settings.keep)
+        self.store = CheckpointStore(store_root(config, runtime_dir, instance), settings.keep)
         self.checkpointer = checkpointer or CriuCheckpointer(settings.criu, settings.criu_libdir,
                                                              settings.timeout)
         self.metrics = metrics
@@ -207,7 +209,6 @@ class CheckpointCoordinator:
         spec = handle.spec
         assert spec.control_dir is not None
         started = time.monotonic()
-        self._event(f"worker {spec.name} restoring")
         try:
             path = self.store.path(spec.checkpoint_hash)
             metadata = read_metadata(self.store, spec.checkpoint_hash)
@@ -318,7 +319,6 @@ class CheckpointCoordinator:
             return self._result(name, "skipped", str(exc))
         except (StoreError, OSError) as exc:
             return self._result(name, "failed", str(exc))
-        self._event(f"worker {name} checkpointing")
         log.info("worker %s: taking checkpoint %s (pid %d)", name, wanted, pid)
         started = time.monotonic()
         try:

@@ -120,7 +120,7 @@ class Supervisor:
         self._target_publisher: EtcdDiscovery | None = None
         self.chrek: CheckpointCoordinator | None = None
         if config.checkpoint.enabled:
-            self.chrek = CheckpointCoordinator(config, runtime_dir,
+            self.chrek = CheckpointCoordinator(config, runtime_dir, self.instance,
                                                CheckpointMetrics(self.registry))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._zombies: set[int] = set()
