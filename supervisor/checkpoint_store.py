@@ -74,11 +74,13 @@ def _private_dir(path: Path) -> None:
 
 
 def tree_size(path: Path) -> int:
+    """Bytes on disk (vLLM's /dev/shm queues are kept sparse: their holes take nothing)."""
     total = 0
     for root, _dirs, files in os.walk(path, followlinks=False):
         for name in files:
             with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
+                info = os.lstat(os.path.join(root, name))
+                total += min(info.st_size, info.st_blocks * 512)
     return total
 
 

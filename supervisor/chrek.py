@@ -334,6 +334,7 @@ class CheckpointCoordinator:
                 "identity": self.identities.get(name, {}),
             })
         except Exception as exc:
+            self._keep_log(staging.path / IMAGES / "dump.log", name)
             staging.abort()
             if not isinstance(exc, CheckpointError | StoreError | OSError):
                 raise
@@ -354,6 +355,17 @@ class CheckpointCoordinator:
         return self._result(name, "taken", f"checkpoint {wanted} stored in {seconds:.1f} s "
                                            f"({entry.size_bytes / 2**20:.0f} MiB)",
                             hash=wanted, seconds=round(seconds, 3), size_bytes=entry.size_bytes)
+
+    def _keep_log(self, log_path: Path, worker: str) -> None:
+        """CRIU's log of a failed dump outlives the removed tmp/ entry, in the runtime dir."""
+        if not log_path.is_file():
+            return
+        directory = self.work_root / worker
+        with contextlib.suppress(OSError):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            kept = directory / f"dump-failed-{int(time.time())}.log"
+            shutil.copyfile(log_path, kept)
+            log.error("CRIU's log of the failed dump: %s", kept)
 
     def _result(self, worker: str, result: str, message: str, **extra: Any) -> dict[str, Any]:
         self.metrics.checkpoints.labels(worker=worker, result=result).inc()

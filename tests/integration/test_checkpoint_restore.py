@@ -36,18 +36,7 @@ from tests.support import (
 
 pytestmark = pytest.mark.engine
 
-ROOT = Path(__file__).resolve().parents[2]
-CRIU = ROOT / ".criu" / "bin" / "criu"
 PROMPT = {"model": "tiny", "prompt": "checkpoint me", "max_tokens": 12, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def criu() -> Path:
-    if not os.access(CRIU, os.X_OK):
-        pytest.fail(f"{CRIU} is missing: `make setup` installs it (scripts/install-criu)")
-    out = subprocess.run([str(CRIU), "check"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"criu check failed here: {out.stdout}{out.stderr}"
-    return CRIU
 
 
 def complete(base: str) -> str:

