@@ -6,7 +6,7 @@
 2. The supervisor's side: a checkpoint that fails on a full store (nothing left behind, the
    worker serves cold), one taken on request (the worker is restored and answers as before),
    the same request again (nothing taken), a worker killed (restored, not cold-started),
-   and a worker left waiting at its ready marker while no supervisor ran
+   `dynamo-vllm restore`, and a worker left waiting at its ready marker while no supervisor ran
    (found by the start scan, dumped and restored as the new supervisor's child).
 """
 
@@ -161,7 +161,15 @@ def test_supervisor_checkpoints_and_restores(tiny_model: Path, tmp_path: Path, c
         assert 'dynamo_agent_worker_restored{worker="0"} 1.0' in metrics
         assert "dynamo_agent_restore_duration_seconds" in metrics
 
-        # 5. The supervisor stops; a worker is left waiting at its ready marker (as if the
+        # 5. Restored on request: stopped gracefully, back from the checkpoint.
+        out = subprocess.run([*cli, "restore", str(config)], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and "serving, restored" in out.stdout, out.stdout + out.stderr
+        assert 'dynamo_agent_restores_total{result="restored",worker="0"} 3.0' in \
+            supervisor.metrics()
+        assert complete(base) == cold
+
+        # 6. The supervisor stops; a worker is left waiting at its ready marker (as if the
         # supervisor had died mid-checkpoint); the next supervisor's start scan finds it.
         checkpoint_hash = supervisor.worker(0)["checkpoint_hash"]
         supervisor.proc.send_signal(signal.SIGTERM)

@@ -162,3 +162,14 @@ def test_etcd_endpoints_from_env(tmp_path: Path) -> None:
     kept = cfg.apply_env(config, {Env.ETCD_ENDPOINTS: "a:2379"})
     assert kept.discovery.etcd_urls == ["http://127.0.0.1:2379"]
     assert any("ETCD_ENDPOINTS='a:2379'" in w for w in kept.warnings)
+
+
+def test_checkpoint_settings_are_checked() -> None:
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.from_dict({"model": {"path": "/m"}, "checkpoint": {
+            "keep": 0, "store": "relative/dir", "sleep_level": 3, "env_allow": ["NOT A NAME"],
+            "timeout": -1, "enabled": "yes"}}, check_paths=False)
+    errors = "\n".join(caught.value.errors)
+    for key in ("checkpoint.keep", "checkpoint.store", "checkpoint.sleep_level",
+                "checkpoint.env_allow", "checkpoint.timeout", "checkpoint.enabled"):
+        assert key in errors, errors
