@@ -66,10 +66,7 @@ test: lint typecheck
 	$(BIN)/pytest -q -rs
 
 bench: setup $(TINY_MODEL)/config.json
-	$(BIN)/python benchmarks/worker_bench.py --model $(TINY_MODEL)
-	$(BIN)/python benchmarks/supervisor_bench.py --model $(TINY_MODEL)
-	$(BIN)/python benchmarks/sleep_bench.py --model $(TINY_MODEL)
-	$(BIN)/python benchmarks/checkpoint_bench.py --model $(TINY_MODEL)
+	$(BIN)/python benchmarks/run_all.py --model $(TINY_MODEL)
 
 # The wheel (agent only: the engine is the `cpu` or `gpu` extra) and the .deb (the agent in
 # its own venv under /opt/dynamo-vllm; `dynamo-vllm engine install` adds vLLM).

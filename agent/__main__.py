@@ -98,6 +98,7 @@ def _run_worker(config: Config, index: int, debug: bool, snapshot: SnapshotSetti
                 capture_env: dict[str, str | None]) -> int:
     # Imported only now: they import prometheus_client, and the metrics directory had to
     # be set first.
+    from .auth import TokenError
     from .server import PortInUse
     from .worker import EngineConfigError, EngineStartError, Worker, refused_engine_key
 
@@ -110,6 +111,8 @@ def _run_worker(config: Config, index: int, debug: bool, snapshot: SnapshotSetti
         return _config_error([f"workers.base_port: {exc}"])
     except EngineStartError as exc:
         return _config_error([f"engine failed to start: {exc}"])
+    except TokenError as exc:
+        return _config_error([f"workers.control_token_file: {exc}"])
     except Exception as exc:
         if debug:
             log.exception("worker %d failed", index)

@@ -76,6 +76,10 @@ def _labels(value: Any) -> str | None:
     return None
 
 
+def _absolute_or_empty(value: Any) -> str | None:
+    return None if not value or os.path.isabs(value) else f"{value!r} is not an absolute path"
+
+
 @dataclass(frozen=True)
 class ModelSection:
     path: str = _setting("", "Directory of the model (config.json, weights, tokenizer).")
@@ -97,6 +101,10 @@ class WorkersSection:
                                           "finish before it stops the engine.", _non_negative)
     control_from_network: bool = _setting(False, "Let clients that are not on loopback call "
                                                  "the control routes (/engine/sleep...).")
+    control_token_file: str = _setting("", "File holding a bearer token that every "
+                                           "state-changing route requires (Authorization: "
+                                           "Bearer ...), the supervisor's included; mode 600.",
+                                       _absolute_or_empty)
     stop_timeout: float = _setting(90.0, "Seconds the supervisor waits for a stopping worker "
                                          "before it kills its process group.", _positive)
     start_timeout: float = _setting(900.0, "Seconds a worker may take to serve before it "
@@ -234,10 +242,6 @@ def _keep(value: Any) -> str | None:
 
 def _sleep_level(value: Any) -> str | None:
     return None if value in (0, 1, 2) else "must be 0, 1 or 2"
-
-
-def _absolute_or_empty(value: Any) -> str | None:
-    return None if not value or os.path.isabs(value) else f"{value!r} is not an absolute path"
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -452,6 +456,13 @@ def _validate_cross(config: Config, errors: list[str], check_paths: bool) -> Non
     if last_port > 65535:
         errors.append(f"workers.base_port: workers up to {config.workers.count - 1} would need "
                       f"port {last_port}")
+    if check_paths and config.workers.control_token_file:
+        from .auth import TokenError, load_token
+
+        try:
+            load_token(config.workers.control_token_file)
+        except TokenError as exc:
+            errors.append(f"workers.control_token_file: {exc}")
     if config.health.payload is not None:
         try:
             parse_payload(config.health.payload)
@@ -514,6 +525,12 @@ def apply_env(config: Config, environ: Mapping[str, str]) -> Config:
                             f"{', '.join(discovery.etcd_urls)}")
         else:
             discovery = replace(discovery, etcd_endpoints=urls)
+    if config.workers.control_from_network and not config.workers.control_token_file:
+        open_routes = ("workers.control_from_network is on without workers.control_token_file: "
+                       "anyone who reaches the ports can sleep workers, load adapters and take "
+                       "checkpoints")
+        if open_routes not in warnings:
+            warnings.append(open_routes)
     return replace(config, health=health, discovery=discovery, warnings=tuple(warnings))
 
 

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from .auth import authorized
 from .lifecycle import SLEEP_LEVELS, WAKE_TAGS, Reply, SleepController, error, ok
 from .lora import AdapterRefused, LoraAdapters
 from .protocol import Route
@@ -87,20 +88,25 @@ def wake_tags(body: dict[str, Any]) -> list[str] | None:
 
 
 class ControlRoutes:
-    def __init__(self, allow_remote: bool, lora: LoraAdapters):
+    def __init__(self, allow_remote: bool, lora: LoraAdapters, token: str | None = None):
         self.allow_remote = allow_remote
+        self.token = token
         self.controller: SleepController | None = None
         self.engine: Any = None
         self.lora = lora
         # Set when the worker may be checkpointed while serving (a control directory).
         self.snapshot: Callable[[], Reply] | None = None
 
-    async def handle(self, method: str, path: str, raw: bytes, client: str | None) -> Reply:
+    async def handle(self, method: str, path: str, raw: bytes, client: str | None,
+                     authorization: str | None = None) -> Reply:
         if ROUTES[path] != method:
             return error(405, f"{path} takes {ROUTES[path]}")
         if not self.allow_remote and not is_loopback(client):
             return error(403, "control routes answer loopback clients only "
                               "(workers.control_from_network)")
+        if method == "POST" and not authorized(authorization, self.token):
+            return error(401, "this route needs the bearer token of "
+                              "workers.control_token_file (Authorization: Bearer ...)")
         if self.controller is None:
             return error(503, "the engine is not serving yet")
         try:

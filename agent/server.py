@@ -144,9 +144,12 @@ class WorkerApp:
             code, body = error(413, f"the body is larger than {MAX_BODY} bytes")
         else:
             client = scope.get("client")
+            authorization = next((value.decode("latin-1") for name, value in
+                                  scope.get("headers", []) if name == b"authorization"), None)
             try:
                 code, body = await self.control.handle(scope["method"], path, raw,
-                                                       client[0] if client else None)
+                                                       client[0] if client else None,
+                                                       authorization)
             except Exception as exc:  # the engine failed under us: say so, in JSON
                 log.exception("%s failed", path)
                 code, body = error(500, f"{type(exc).__name__}: {exc}")

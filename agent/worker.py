@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .auth import load_token
 from .canary import Canary
 from .config import Config, apply_env
 from .control import ControlRoutes
@@ -83,8 +84,10 @@ class Worker:
         self.instance = os.environ.get(Env.INSTANCE) or config.served_name
         self.discovery = self._discovery()
         self.lora = LoraAdapters(list(config.lora.allowed_roots or []), self._republish)
+        token = load_token(config.workers.control_token_file) \
+            if config.workers.control_token_file else None
         self.control = ControlRoutes(allow_remote=config.workers.control_from_network,
-                                     lora=self.lora)
+                                     lora=self.lora, token=token)
         if snapshot is not None:
             self.control.snapshot = self.request_snapshot
 

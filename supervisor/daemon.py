@@ -21,6 +21,7 @@ import tomli_w
 from prometheus_client import CollectorRegistry
 
 from dynamo_vllm.agent import config as config_module
+from dynamo_vllm.agent.auth import TokenError, load_token
 from dynamo_vllm.agent.config import Config
 from dynamo_vllm.agent.discovery.etcd import (
     EtcdDiscovery,
@@ -214,6 +215,15 @@ class Supervisor:
         return RestartPolicy(initial=w.restart_backoff, maximum=w.restart_backoff_max,
                              max_restarts=w.crash_loop_restarts, window=w.crash_loop_window)
 
+    def _token(self) -> str | None:
+        path = self.config.workers.control_token_file
+        if not path:
+            return None
+        try:
+            return load_token(path)
+        except TokenError as exc:
+            raise StartupError(f"workers.control_token_file: {exc}") from None
+
     def _check_ports(self, specs: list[WorkerSpec]) -> None:
         busy = [f"{s.host}:{s.port} (worker {s.index})" for s in specs
                 if not _port_free(s.host, s.port)]
@@ -247,7 +257,8 @@ class Supervisor:
             self.server = StatusServer(self.config.metrics.host, self.config.metrics.port,
                                        self.registry, lambda: self._snapshot, self.endpoints,
                                        self.scrape_targets, self._control,
-                                       self.config.workers.control_from_network)
+                                       self.config.workers.control_from_network,
+                                       self._token())
         except OSError as exc:
             raise StartupError(f"metrics.port: cannot listen on {self.config.metrics.host}:"
                                f"{self.config.metrics.port}: {exc.strerror or exc}") from None

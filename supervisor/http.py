@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from dynamo_vllm.agent.auth import authorized
 from dynamo_vllm.agent.control import BadRequest, is_loopback, parse_body
 from dynamo_vllm.agent.protocol import Route
 
@@ -39,8 +40,10 @@ class StatusServer:
                  snapshot: Callable[[], dict[str, Any]],
                  endpoints: Callable[[], dict[str, Any]],
                  scrape_targets: Callable[[bool], list[dict[str, Any]]] = lambda fleet: [],
-                 control: Control | None = None, control_from_network: bool = False):
+                 control: Control | None = None, control_from_network: bool = False,
+                 token: str | None = None):
         self.registry = registry
+        self.token = token
         self.control = control
         self.control_from_network = control_from_network
         self.snapshot = snapshot
@@ -88,6 +91,10 @@ class StatusServer:
                 if not server.control_from_network and not is_loopback(self.client_address[0]):
                     self._send_json(403, {"error": "state-changing routes answer loopback "
                                                    "clients only (workers.control_from_network)"})
+                    return
+                if not authorized(self.headers.get("Authorization"), server.token):
+                    self._send_json(401, {"error": "this route needs the bearer token of "
+                                                   "workers.control_token_file"})
                     return
                 try:
                     length = int(self.headers.get("Content-Length") or 0)

@@ -1,7 +1,8 @@
 """The supervisor's side of sd_notify (through the `sdnotify` package).
 
 Only the supervisor talks to systemd (`NotifyAccess=main`); workers are spawned without
-`NOTIFY_SOCKET` and `WATCHDOG_*`. Sending never raises: without systemd it does nothing.
+`NOTIFY_SOCKET` and `WATCHDOG_*`. Sending never raises and never blocks: without systemd it
+does nothing, and a socket that vanished or stopped reading loses the message.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class Notifier:
         environ = os.environ
         self.socket_path = environ.get("NOTIFY_SOCKET") or None
         self._notifier = sdnotify.SystemdNotifier() if self.socket_path else None
+        sock = getattr(self._notifier, "socket", None)
+        if sock is not None:
+            # A receiver that stops reading must never block the main loop (and with it the
+            # watchdog): a message that does not fit is dropped, as sdnotify drops errors.
+            sock.setblocking(False)
         usec = watchdog_usec(environ, os.getpid())
         self.watchdog_timeout = usec / 1e6 if usec else None
         self.watchdog_pings = 0

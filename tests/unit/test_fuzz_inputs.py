@@ -1,0 +1,107 @@
+"""Fuzzing (hypothesis) of what operators and other processes hand the agent: TOML configs,
+marker files and restore contexts. Always a clean, keyed error; never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import string
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dynamo_vllm.agent import config as cfg
+from dynamo_vllm.agent import snapshot
+from dynamo_vllm.agent.snapshot import MarkerError
+
+SECTION_KEYS = {name: [f.name for f in cfg.fields(cls)] for name, cls in cfg.SECTIONS.items()}
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                    st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=40), st.lists(st.integers(-5, 70000), max_size=4),
+                    st.lists(st.text(max_size=8), max_size=3),
+                    st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly real section and key names (so validation, not only the unknown-key check,
+    runs), with values of any type, and now and then a stray section or key."""
+    doc: dict[str, Any] = {"model": {"path": draw(st.sampled_from(["/m", "", "rel", 5]))}}
+    for section in draw(st.lists(st.sampled_from(sorted(SECTION_KEYS)), max_size=6)):
+        keys = draw(st.lists(st.sampled_from(SECTION_KEYS[section]), max_size=5))
+        doc[section] = {key: draw(scalars) for key in keys}
+    if draw(st.booleans()):
+        doc["engine"] = draw(st.dictionaries(
+            st.text(alphabet=string.ascii_lowercase + "_-", min_size=1, max_size=12), scalars,
+            max_size=4))
+    if draw(st.integers(0, 9)) == 0:
+        doc[draw(st.text(min_size=1, max_size=10))] = draw(scalars)
+    if draw(st.integers(0, 9)) == 0:
+        doc[draw(st.sampled_from(sorted(SECTION_KEYS)))] = draw(scalars)  # not a table
+    return doc
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value if v is not None]
+    return value
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents())
+def test_any_document_loads_or_names_its_key(doc: dict[str, Any]) -> None:
+    try:
+        config = cfg.from_dict(doc, check_paths=False)
+    except cfg.ConfigError as exc:
+        assert exc.errors
+        for line in exc.errors:
+            assert isinstance(line, str) and ":" in line and "Traceback" not in line
+        return
+    assert config.workers.count >= 1 and 1 <= config.workers.base_port <= 65535
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_as_a_config_file(tmp_path_factory: Any, raw: bytes) -> None:
+    path = Path(tmp_path_factory.mktemp("fuzz")) / "x.toml"
+    path.write_bytes(raw)
+    try:
+        cfg.load(path, environ={}, check_paths=False)
+    except cfg.ConfigError as exc:
+        assert all(isinstance(e, str) for e in exc.errors)
+
+
+@settings(max_examples=200, deadline=None)
+@given(documents())
+def test_toml_round_trip(tmp_path_factory: Any, doc: dict[str, Any]) -> None:
+    try:
+        text = tomli_w.dumps(_without_none(doc))
+    except (TypeError, ValueError):
+        return  # not representable in TOML (a float key order, NaN in some versions)
+    path = Path(tmp_path_factory.mktemp("fuzz")) / "x.toml"
+    path.write_text(text)
+    try:
+        cfg.load(path, environ={}, check_paths=False)
+    except cfg.ConfigError as exc:
+        assert all(":" in e for e in exc.errors)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.builds(lambda v: json.dumps(v).encode(),
+                           st.recursive(scalars, lambda c: st.lists(c, max_size=3)
+                                        | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                                        max_leaves=8)),
+                 st.builds(lambda pid, h: json.dumps({"pid": pid, "hash": h}).encode(),
+                           scalars, scalars)))
+def test_markers_and_contexts_never_raise_anything_else(raw: bytes) -> None:
+    for parse in (snapshot.parse_ready,
+                  lambda b: snapshot.parse_restore_context(b, snapshot.ALLOWED_ENV)):
+        with contextlib.suppress(MarkerError):
+            parse(raw)
