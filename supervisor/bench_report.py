@@ -131,10 +131,10 @@ def plot(levels: list[dict[str, Any]], directory: Path, title: str) -> list[Path
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     throughput = [lv["output_tokens_per_s"] for lv in levels]
-    for metric, style in (("ttft", "o-"), ("itl", "s-"), ("e2e", "^-")):
-        for q, dash in (("p50", ""), ("p99", "--")):
+    for metric, marker in (("ttft", "o"), ("itl", "s"), ("e2e", "^")):
+        for q, line in (("p50", "-"), ("p99", "--")):
             values = [(lv[f"{metric}_{q}_s"] or float("nan")) * 1000 for lv in levels]
-            ax.plot(throughput, values, style + dash if dash else style,
+            ax.plot(throughput, values, marker=marker, linestyle=line,
                     label=f"{metric.upper()} {q}")
     for lv, x in zip(levels, throughput, strict=True):
         ax.annotate(lv["level"], (x, (lv["e2e_p50_s"] or 0) * 1000), fontsize=7,
