@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from .shm import SHM, shm_files, tree_pids
+
 # Deleted files still open (multiprocessing's semaphores in /dev/shm) are kept in the image
 # up to this size each.
 GHOST_LIMIT = "512M"
@@ -59,38 +61,6 @@ def stdio_of(pid: int) -> dict[str, str]:
         with contextlib.suppress(OSError):
             links[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
     return links
-
-
-SHM = Path("/dev/shm")
-
-
-def tree_pids(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        return [pid] + [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return [pid]
-
-
-def shm_files(pids: list[int]) -> set[str]:
-    """Files in /dev/shm these processes have open or mapped (vLLM's message queues): CRIU
-    reopens them by name, and a worker that stopped cleanly has unlinked them."""
-    found = set()
-    for each in pids:
-        with contextlib.suppress(OSError), open(f"/proc/{each}/maps") as maps:
-            for line in maps:
-                parts = line.split(maxsplit=5)
-                path = parts[5].strip() if len(parts) == 6 else ""
-                if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
-                    found.add(path)
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{each}/fd"):
-                with contextlib.suppress(OSError):
-                    link = os.readlink(f"/proc/{each}/fd/{fd}")
-                    if link.startswith("/dev/shm/") and not link.endswith("(deleted)"):
-                        found.add(link)
-    return found
 
 
 def save_shm(names: set[str], before: set[str], dest: Path) -> None:

@@ -438,6 +438,7 @@ class Supervisor:
             code, killed_for = await self._watch(handle)
             handle.last_exit = ExitCode.describe(code)
             await handle.clean_up_group()
+            handle.release_shm()
             handle.drop_metrics_dir()
             await handle.drop_discovery_record(self.config)
             if self.stopping or handle.stop_requested:
@@ -584,6 +585,8 @@ class Supervisor:
                     log.info("worker %s serving on port %d", handle.name, handle.spec.port)
                 if phase is not None:
                     handle.set_phase(phase)
+                if phase is Phase.SERVING:
+                    handle.sample_shm()
         if handle.poll_failures >= health.poll_failures:
             return "worker_hung"
         if handle.ending and now - handle.phase_since > self.config.workers.stop_timeout:
@@ -681,6 +684,7 @@ class Supervisor:
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         for handle in self.handles:
             await handle.clean_up_group(grace=2.0)
+            handle.release_shm()
             handle.drop_metrics_dir()
         leftovers = _children()
         if leftovers:

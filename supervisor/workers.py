@@ -25,6 +25,7 @@ from dynamo_vllm.agent.discovery.etcd_gateway import EtcdError
 from dynamo_vllm.agent.discovery.file import record_path
 from dynamo_vllm.agent.protocol import Env
 
+from . import shm as shared_memory
 from .notify import SYSTEMD_ENV
 from .restart_policy import RestartPolicy
 
@@ -170,6 +171,9 @@ class WorkerHandle:
     stop_requested: bool = False
     restored: bool = False
     restore_started: float | None = None
+    # /dev/shm files this life's tree uses (sampled while it serves), removed when it ends.
+    shm: set[str] = field(default_factory=set)
+    shm_sampled_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -215,6 +219,23 @@ class WorkerHandle:
 
     def drop_metrics_dir(self) -> None:
         shutil.rmtree(self.spec.metrics_dir, ignore_errors=True)
+
+    def sample_shm(self, every: float = 30.0) -> None:
+        """Note the tree's /dev/shm files (vLLM creates its queues at engine start)."""
+        now = time.monotonic()
+        if self.pid is None or (self.shm and now - self.shm_sampled_at < every):
+            return
+        self.shm_sampled_at = now
+        self.shm |= shared_memory.shm_files(shared_memory.tree_pids(self.pid))
+
+    def release_shm(self) -> int:
+        """After the tree is gone: remove the /dev/shm files it left (a clean stop left none)."""
+        removed = shared_memory.remove(self.shm)
+        self.shm = set()
+        if removed:
+            log.info("worker %s: removed %d shared-memory file(s) its engine left in /dev/shm",
+                     self.name, removed)
+        return removed
 
     async def spawn(self, base_env: dict[str, str]) -> None:
         self.fresh_metrics_dir()

@@ -6,6 +6,7 @@ a worker stopped (hung), a reload, and finally SIGTERM with nothing left behind.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -19,6 +20,7 @@ import psutil
 import pytest
 
 from dynamo_vllm.agent.protocol import ExitCode
+from dynamo_vllm.supervisor.shm import shm_files
 from tests.support import (
     EtcdServer,
     SupervisorProcess,
@@ -156,8 +158,9 @@ def test_engine_core_killed_is_restarted_while_the_other_serves(
 def test_stopped_worker_is_killed_and_restarted(supervisor: SupervisorProcess) -> None:
     worker_pid = supervisor.worker(1)["pid"]
     group = [worker_pid, *(p.pid for p in psutil.Process(worker_pid).children(recursive=True))]
+    queues = shm_files(group)
+    assert queues, "vLLM's message queues in /dev/shm were expected"
     supervisor.remember_children()
-    import os
     os.kill(worker_pid, signal.SIGSTOP)
     supervisor.wait_workers(lambda ws: ws[1]["pid"] not in (None, worker_pid), 60,
                             "hung worker 1 replaced")
@@ -168,6 +171,9 @@ def test_stopped_worker_is_killed_and_restarted(supervisor: SupervisorProcess) -
         records = httpx.get(supervisor.base + "/endpoints", timeout=10).json()["endpoints"]
         return all(r["pid"] != worker_pid for r in records)
     wait_for(old_record_gone, 10, what="the killed worker's record removed")
+    # A killed engine cannot unlink its queues: the supervisor did, memory is not leaked.
+    wait_for(lambda: not any(os.path.exists(q) for q in queues), 10,
+             what="the killed worker's /dev/shm queues removed")
     supervisor.wait_workers(serving, 300, "both serving again")
     assert restarts(supervisor.metrics(), "1", "worker_hung") == 1
 
