@@ -24,6 +24,8 @@ from typing import Any
 
 from dynamo_vllm.agent.snapshot import hash_problem
 
+from .runtime_dir import RuntimeDirError, ensure_private_dir
+
 METADATA = "metadata.json"
 TMP = "tmp"
 LOCKS = "locks"
@@ -56,21 +58,11 @@ def check_hash(checkpoint_hash: str) -> str:
 def _private_dir(path: Path) -> None:
     """Create `path` 0700, or check that it is a real directory of ours and make it 0700."""
     try:
-        path.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
+        ensure_private_dir(path)
+    except RuntimeDirError as exc:
+        raise StoreError(str(exc)) from None
     except OSError as exc:
         raise StoreError(f"cannot create {path}: {exc.strerror}") from None
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode):
-        raise StoreError(f"{path} is a symlink (refused)")
-    if not stat.S_ISDIR(info.st_mode):
-        raise StoreError(f"{path} is not a directory")
-    if info.st_uid != os.geteuid():
-        raise StoreError(f"{path} is owned by uid {info.st_uid}, not by this user "
-                         f"(uid {os.geteuid()})")
-    if info.st_mode & 0o077:
-        os.chmod(path, 0o700)
 
 
 def tree_size(path: Path) -> int:

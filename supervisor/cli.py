@@ -159,6 +159,11 @@ def _request(url: str, body: dict | None = None, timeout: float = 60.0,
         return 0, {"status": "error", "message": f"no answer: {exc}"}
 
 
+def _local(host: str) -> str:
+    """Where this machine reaches a server bound to `host` (a wildcard: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
 def _supervisor_get(target: str, path: str, timeout: float) -> dict:
     """GET one of the running supervisor's read-only routes; exit 3 when none answers."""
     cfg = load_or_exit(target, check_paths=False)
@@ -176,7 +181,7 @@ def _worker_urls(cfg: config_module.Config, worker: int | None) -> list[tuple[in
     if worker is not None and not 0 <= worker < cfg.workers.count:
         raise click.BadParameter(f"the instance has workers 0 to {cfg.workers.count - 1}",
                                  param_hint="--worker")
-    host = "127.0.0.1" if cfg.workers.host in ("0.0.0.0", "::") else cfg.workers.host
+    host = _local(cfg.workers.host)
     return [(i, f"http://{host}:{cfg.worker_port(i)}") for i in indices]
 
 
@@ -256,7 +261,7 @@ def _indices(cfg: config_module.Config, worker: int | None) -> list[int]:
 
 def _supervisor_post(cfg: config_module.Config, path: str, body: dict,
                      timeout: float) -> tuple[int, dict]:
-    host = "127.0.0.1" if cfg.metrics.host in ("0.0.0.0", "::") else cfg.metrics.host
+    host = _local(cfg.metrics.host)
     return _request(f"http://{host}:{cfg.metrics.port}{path}", body, timeout,
                     token=_token_or_exit(cfg))
 
@@ -302,6 +307,7 @@ def checkpoints(target: str, store: Path | None, as_json: bool) -> None:
     `in progress` is one being written (under tmp/, removed at start if a crash left it).
     """
     from dynamo_vllm.supervisor.checkpoint_store import CheckpointStore
+    from dynamo_vllm.supervisor.daemon import duration
 
     cfg = load_or_exit(target, check_paths=False)
     current: dict[str, int] = {}
@@ -333,16 +339,8 @@ def checkpoints(target: str, store: Path | None, as_json: bool) -> None:
     for row in rows:
         size = f"{row['size_bytes'] / 2**20:.0f} MiB"
         worker = "-" if row["worker"] is None else str(row["worker"])
-        click.echo(f"{row['hash']:<34} {worker:>6} {size:>10} {_age(row['age_s']):>10}  "
+        click.echo(f"{row['hash']:<34} {worker:>6} {size:>10} {duration(row['age_s']):>10}  "
                    f"{row['state']}")
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 @main.command()
@@ -391,7 +389,7 @@ def _bench_targets(target: str | None, urls: tuple[str, ...]) -> tuple[list[str]
     if not target:
         raise click.UsageError("give an instance NAME (every serving worker) or --url")
     cfg = load_or_exit(target, check_paths=False)
-    host = "127.0.0.1" if cfg.workers.host in ("0.0.0.0", "::") else cfg.workers.host
+    host = _local(cfg.workers.host)
     code, status = _request(f"http://{cfg.metrics.host}:{cfg.metrics.port}/status", timeout=5)
     if code == 200:
         ports = [int(w["port"]) for w in status.get("workers", []) if w.get("state") == "serving"]

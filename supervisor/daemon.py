@@ -80,12 +80,16 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def ago(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 90:
-        return f"{seconds:.0f} s ago"
+        return f"{seconds:.0f} s"
     if seconds < 5400:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def ago(seconds: float) -> str:
+    return f"{duration(seconds)} ago"
 
 
 class Supervisor:
