@@ -15,7 +15,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-deps criu demo test lint typecheck unit integration bench wheel deb engine-deb clean
+.PHONY: setup system-deps criu demo test lint typecheck unit integration bench soak wheel deb engine-deb clean
 
 setup: $(STAMP) system-deps criu
 
@@ -67,6 +67,13 @@ test: lint typecheck
 
 bench: setup $(TINY_MODEL)/config.json
 	$(BIN)/python benchmarks/run_all.py --model $(TINY_MODEL)
+
+# The long fault-injection soak (docs/reliability.md); CI runs the short one in `make test`.
+SOAK_DURATION ?= 1800
+SOAK_SEED ?= 7
+soak: setup $(TINY_MODEL)/config.json
+	VLLM_HOST_IP=127.0.0.1 $(BIN)/python -m tests.soak.run --model $(TINY_MODEL) \
+		--duration $(SOAK_DURATION) --seed $(SOAK_SEED) --out build/soak
 
 # The wheel (agent only: the engine is the `cpu` or `gpu` extra) and the .deb (the agent in
 # its own venv under /opt/dynamo-vllm; `dynamo-vllm engine install` adds vLLM).

@@ -46,3 +46,7 @@ def setup(level: str = "info", name: str = "dynamo-vllm") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at INFO: etcd keep-alives would fill the journal every
+    # second or two. Their failures are logged by the agent, with what they mean.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))

@@ -89,6 +89,7 @@ class Route:
     ENGINE_SNAPSHOT = "/engine/snapshot"
     LOAD_LORA = "/v1/load_lora_adapter"
     UNLOAD_LORA = "/v1/unload_lora_adapter"
+    WORKER_OPENAPI = "/dynamo-vllm/openapi.json"
     # The supervisor's
     STATUS = "/status"
     HEALTHZ = "/healthz"
@@ -96,6 +97,7 @@ class Route:
     SERVICE_DISCOVERY = "/sd"
     CHECKPOINT = "/checkpoint"
     RESTORE = "/restore"
+    OPENAPI = "/openapi.json"
 
 
 class Env:

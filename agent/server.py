@@ -21,6 +21,7 @@ import uvicorn
 
 from .control import MAX_BODY, ROUTES, ControlRoutes
 from .lifecycle import error
+from .openapi import worker_document
 from .protocol import Route, WorkerState
 from .status import WorkerStatus
 
@@ -119,6 +120,10 @@ class WorkerApp:
             return
         if scope["type"] == "http" and path in ROUTES:
             await self._control(scope, receive, send, path)
+            return
+        if scope["type"] == "http" and path == Route.WORKER_OPENAPI:
+            await _drain_body(receive)
+            await send_json(send, 200, worker_document())
             return
         state = self.status.state
         if self.inner is not None and path in _ALWAYS_OPEN:

@@ -176,7 +176,9 @@ def undo_capture_env(environ: MutableMapping[str, str], previous: Mapping[str, s
 # ---------------------------------------------------------------------------- marker files
 
 def read_marker(directory: Path, name: str) -> bytes | None:
-    """A marker's content; None when absent. Refuses symlinks, non-files and huge files."""
+    """A marker's content; None when absent. Refuses symlinks, non-files, huge files, and
+    files another user (not root) owns or could have written: the directory is the service
+    user's."""
     try:
         fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -185,12 +187,19 @@ def read_marker(directory: Path, name: str) -> bytes | None:
         if exc.errno == 40:  # ELOOP: the name is a symlink
             raise MarkerError(f"{name} is a symlink (refused)") from None
         raise MarkerError(f"{name}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)  # before fdopen, which refuses a directory with its own error
+        raise MarkerError(f"{name} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise MarkerError(f"{name} is not a regular file")
         if info.st_size > Marker.MAX_BYTES:
             raise MarkerError(f"{name} is {info.st_size} bytes (more than {Marker.MAX_BYTES})")
+        if info.st_uid not in (os.geteuid(), 0):  # root's checkpointer may answer too
+            raise MarkerError(f"{name} belongs to uid {info.st_uid}, not to this service's "
+                              f"uid {os.geteuid()} or root (refused)")
+        if info.st_mode & 0o022:
+            raise MarkerError(f"{name} is writable by other users "
+                              f"(mode {stat.S_IMODE(info.st_mode):o}; refused)")
         return f.read(Marker.MAX_BYTES + 1)
 
 

@@ -68,6 +68,18 @@ def store_root(config: Config, runtime_dir: Path, instance: str) -> Path:
     return Path(state) / "checkpoints" / instance if state else runtime_dir / "checkpoints"
 
 
+# Free space below which a failed dump is put down to a full store.
+FULL_BELOW = 16 * 2**20
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return FULL_BELOW
+    return info.f_bavail * info.f_frsize
+
+
 def become_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
@@ -170,6 +182,26 @@ class CheckpointCoordinator:
         if spec.control_dir.is_symlink() or not spec.control_dir.is_dir():
             raise StoreError(f"{spec.control_dir} is not a directory (refused)")
         self.identities[spec.name] = document
+
+    def repair_dirs(self) -> list[str]:
+        """Put back control directories removed under a running supervisor (the markers in
+        them go too: a worker waiting for one is bounded by checkpoint.timeout). Returns
+        those put back. A new root needs a new watch; a worker's directory is picked up by
+        the recursive one."""
+        put_back: list[str] = []
+        if not self.watcher.running:
+            return put_back
+        if not self.control_root.is_dir():
+            self.control_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            put_back.append(str(self.control_root))
+        if not self.watcher.watching:
+            self.watcher.restart()
+        for spec in self.specs.values():
+            path = spec.control_dir
+            if path is not None and not os.path.lexists(path):
+                path.mkdir(mode=0o700, exist_ok=True)
+                put_back.append(str(path))
+        return put_back
 
     def watch(self, handle: WorkerHandle) -> None:
         self.handles[handle.name] = handle
@@ -334,13 +366,17 @@ class CheckpointCoordinator:
                 "identity": self.identities.get(name, {}),
             })
         except Exception as exc:
+            # Before the partial dump is removed: a full filesystem also cuts CRIU's own
+            # log short, so its words may not say why.
+            free = _free_bytes(staging.path)
             self._keep_log(staging.path / IMAGES / "dump.log", name)
             staging.abort()
             if not isinstance(exc, CheckpointError | StoreError | OSError):
                 raise
             reason = str(exc)
-            if isinstance(exc, OSError) and exc.errno == 28:
-                reason = "no space left on the checkpoint store's filesystem"
+            if (isinstance(exc, OSError) and exc.errno == 28) or free < FULL_BELOW:
+                reason = (f"no space left on the checkpoint store's filesystem "
+                          f"({free / 2**20:.0f} MiB free at the failure): {reason}")
             return self._result(name, "failed", reason)
         if not leave_running and dump.pids:
             await _reap(dump.pids)
@@ -380,6 +416,7 @@ class CheckpointCoordinator:
         env = spec.environment(dict(os.environ))
         context = {name: env.get(name) for name in CONTEXT_ENV}
         try:
+            spec.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_marker(spec.control_dir, Marker.RESTORE_CONTEXT,
                          restore_context_document(context))
             write_marker(spec.control_dir, Marker.RESTORE_COMPLETE, b"restored")

@@ -78,13 +78,17 @@ def save_shm(names: set[str], before: set[str], dest: Path) -> None:
             os.unlink(path)
 
 
-def put_back_shm(saved: Path) -> None:
-    """Before a restore: the saved /dev/shm files that are missing go back, modes kept."""
+def put_back_shm(saved: Path) -> list[Path]:
+    """Before a restore: the saved /dev/shm files that are missing go back, modes kept.
+    Returns those put back (a failed restore removes them again)."""
+    put: list[Path] = []
     for name in _listdir(saved):
         target, source = SHM / name, saved / name
         if "/" in name or os.path.lexists(target) or source.is_symlink():
             continue
         _copy_sparse(source, target)
+        put.append(target)
+    return put
 
 
 def _copy_sparse(source: Path, target: Path) -> None:
@@ -123,6 +127,9 @@ class CriuCheckpointer:
         self.binary = binary
         self.libdir = libdir
         self.timeout = timeout
+        # One dump or restore at a time: the link-remap files in /dev/shm are told apart
+        # only by what appeared during a dump, and two images may use the same names.
+        self._one_at_a_time = asyncio.Lock()
 
     def _common(self) -> list[str]:
         args = ["-v4", "--tcp-close", "--ext-unix-sk", "--link-remap",
@@ -133,8 +140,11 @@ class CriuCheckpointer:
 
     def dump_command(self, pid: int, images: Path, leave_running: bool,
                      shell_job: bool = False) -> list[str]:
+        # --skip-in-flight: a client that connected while the tree was frozen (a health
+        # poll, a load balancer's probe) sits unaccepted in the listen queue; CRIU refuses
+        # to dump such a socket, and that client is better reset than the checkpoint lost.
         cmd = [self.binary, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log",
-               *self._common()]
+               *self._common(), "--skip-in-flight"]
         if leave_running:
             cmd.append("--leave-running")
         if shell_job:
@@ -211,13 +221,14 @@ class CriuCheckpointer:
         stdio = stdio_of(pid)
         shell_job = any(link.startswith(("/dev/pts/", "/dev/tty")) for link in stdio.values())
         pids = tree_pids(pid)
-        shm, before = shm_files(pids), {str(SHM / n) for n in _listdir(SHM)}
         started = time.monotonic()
-        await self._run(self.dump_command(pid, images, leave_running, shell_job),
-                        images / "dump.log", "criu dump")
-        # After a dump that ends the tree, the link-remap files CRIU left in /dev/shm are
-        # what a restore needs (one that leaves it running removes them).
-        save_shm(shm, before, images.parent / SHM_DIR)
+        async with self._one_at_a_time:
+            shm, before = shm_files(pids), {str(SHM / n) for n in _listdir(SHM)}
+            await self._run(self.dump_command(pid, images, leave_running, shell_job),
+                            images / "dump.log", "criu dump")
+            # After a dump that ends the tree, the link-remap files CRIU left in /dev/shm
+            # are what a restore needs (one that leaves it running removes them).
+            save_shm(shm, before, images.parent / SHM_DIR)
         return DumpResult(time.monotonic() - started, pids, stdio)
 
     async def restore(self, images: Path, work_dir: Path, stdio: dict[str, str]) -> int:
@@ -225,10 +236,17 @@ class CriuCheckpointer:
         pidfile = work_dir / "restored.pid"
         with contextlib.suppress(FileNotFoundError):
             pidfile.unlink()
-        put_back_shm(images.parent / SHM_DIR)
         cmd = self.restore_command(images, work_dir, stdio)
-        await self._run(cmd, work_dir / cmd[cmd.index("-o") + 1], "criu restore",
-                        capture=False)
+        async with self._one_at_a_time:
+            put = put_back_shm(images.parent / SHM_DIR)
+            try:
+                await self._run(cmd, work_dir / cmd[cmd.index("-o") + 1], "criu restore",
+                                capture=False)
+            except CheckpointError:
+                for path in put:  # nobody uses them: the restored tree is gone
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                raise
         try:
             return int(pidfile.read_text().strip())
         except (OSError, ValueError) as exc:

@@ -313,6 +313,7 @@ class Supervisor:
                 self._reload_requested.clear()
                 self._reload_task = asyncio.create_task(self._reload(), name="reload")
             self._tick()
+            self._repair_dirs()
             if self.chrek is not None:
                 self._reap_orphans()
             with contextlib.suppress(TimeoutError):
@@ -495,6 +496,21 @@ class Supervisor:
         await handle.spawn(dict(os.environ))
         if chrek is not None:
             chrek.started(handle)
+
+    def _repair_dirs(self) -> None:
+        """Put back runtime directories something removed while workers use them (a
+        clean-up job, an operator): without them metrics vanish and restores fail."""
+        for handle in self.handles:
+            relinked = handle.repair_metrics_dir()
+            if relinked is not None:
+                self.metrics.dirs_recreated.labels(kind="metrics").inc()
+                log.warning("worker %s: its metrics directory %s was removed; put back, with "
+                            "the %d file(s) the worker still holds", handle.name,
+                            handle.spec.metrics_dir, relinked)
+        if self.chrek is not None:
+            for path in self.chrek.repair_dirs():
+                self.metrics.dirs_recreated.labels(kind="control").inc()
+                log.warning("checkpoint control directory %s was removed; put back", path)
 
     def _reap_orphans(self) -> None:
         """As a child subreaper the supervisor inherits orphans (an engine process whose

@@ -1,5 +1,5 @@
-"""The supervisor's local HTTP endpoint: /metrics, /status, /endpoints, /sd and /healthz,
-and the two routes that change state, POST /checkpoint and POST /restore.
+"""The supervisor's local HTTP endpoint: /metrics, /status, /endpoints, /sd, /healthz and
+/openapi.json, and the two routes that change state, POST /checkpoint and POST /restore.
 
 A `ThreadingHTTPServer` in a daemon thread, so a slow scrape never stalls the main loop
 (which must keep pinging the watchdog). The GET routes only read: a status snapshot the
@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from dynamo_vllm.agent.auth import authorized
 from dynamo_vllm.agent.control import BadRequest, is_loopback, parse_body
+from dynamo_vllm.agent.openapi import supervisor_document
 from dynamo_vllm.agent.protocol import Route
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class StatusServer:
                         # ?scope=fleet: every supervisor that publishes in etcd.
                         fleet = "scope=fleet" in query.split("&")
                         self._send_json(200, server.scrape_targets(fleet))
+                    elif path == Route.OPENAPI:
+                        self._send_json(200, supervisor_document())
                     elif path == Route.HEALTHZ:
                         status = server.snapshot()
                         self._send_json(200 if status.get("ready") else 503,
@@ -75,7 +78,8 @@ class StatusServer:
                                          "status": status.get("status")})
                     else:
                         self._send_json(404, {"error": f"no route {path}; try /metrics, "
-                                                       "/status, /endpoints, /sd or /healthz"})
+                                                       "/status, /endpoints, /sd, /healthz or "
+                                                       "/openapi.json"})
                 except Unavailable as exc:
                     self._send_json(503, {"error": str(exc)})
                 except Exception as exc:

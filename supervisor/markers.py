@@ -69,9 +69,21 @@ class MarkerWatcher:
         self.root = root
         self.callback = callback
         self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._observer is not None
+
+    @property
+    def watching(self) -> bool:
+        """False once inotify dropped the root's watch (the root was removed)."""
+        observer = self._observer
+        return observer is not None and all(e.is_alive() for e in observer.emitters)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._loop = loop
         observer = Observer()
         observer.schedule(_Handler(self.root, loop, self.callback), str(self.root),
                           recursive=True)
@@ -91,6 +103,12 @@ class MarkerWatcher:
                 if os.path.lexists(os.path.join(worker.path, name)):
                     found.append((worker.name, name))
         return found
+
+    def restart(self) -> None:
+        """After the root was removed (inotify dropped its watch with it)."""
+        assert self._loop is not None
+        self.stop()
+        self.start(self._loop)
 
     def stop(self) -> None:
         if self._observer is not None:

@@ -204,6 +204,12 @@ class SupervisorMetrics:
         self.watchdog_withheld = Counter(f"{PREFIX}_watchdog_withheld",
                                          "Watchdog pings withheld because the service is "
                                          "unhealthy beyond its grace period.", registry=registry)
+        self.dirs_recreated = Counter(f"{PREFIX}_directories_recreated",
+                                      "Runtime directories (metrics, control) something removed "
+                                      "under the supervisor, put back.", ["kind"],
+                                      registry=registry)
+        for kind in ("metrics", "control"):
+            self.dirs_recreated.labels(kind=kind)
         self.started = Gauge(f"{PREFIX}_start_time_seconds", "Unix time the supervisor started.",
                              registry=registry)
         self.started.set(time.time())

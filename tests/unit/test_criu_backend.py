@@ -17,7 +17,8 @@ def test_dump_command() -> None:
                                                                  leave_running=False)
     assert cmd[:8] == ["/opt/criu", "dump", "-t", "4242", "-D", "/s/tmp/h/images", "-o",
                        "dump.log"]
-    for flag in ("--tcp-close", "--ext-unix-sk", "--link-remap", "--ghost-limit"):
+    for flag in ("--tcp-close", "--ext-unix-sk", "--link-remap", "--ghost-limit",
+                 "--skip-in-flight"):
         assert flag in cmd
     assert "--leave-running" not in cmd and "--shell-job" not in cmd and "-L" not in cmd
     cmd = CriuCheckpointer("criu", libdir="/usr/lib/criu").dump_command(

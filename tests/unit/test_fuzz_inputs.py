@@ -105,3 +105,37 @@ def test_markers_and_contexts_never_raise_anything_else(raw: bytes) -> None:
                   lambda b: snapshot.parse_restore_context(b, snapshot.ALLOWED_ENV)):
         with contextlib.suppress(MarkerError):
             parse(raw)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["file", "symlink", "fifo", "directory", "huge"]),
+       content=st.binary(max_size=300), mode=st.integers(0o400, 0o777))
+def test_marker_files_on_disk_are_read_or_refused(tmp_path: Path, kind: str, content: bytes,
+                                                  mode: int) -> None:
+    """Whatever sits at a marker's name (any bytes, any mode, a link out of the directory, a
+    FIFO, a directory, a huge file): its content, or a MarkerError; never a hang, never the
+    file a link points to."""
+    import os
+    import tempfile
+
+    control = Path(tempfile.mkdtemp(dir=tmp_path))
+    outside = control.parent / f"{control.name}.secret"
+    outside.write_bytes(b"outside")
+    path = control / snapshot.Marker.RESTORE_CONTEXT
+    if kind == "symlink":
+        path.symlink_to(outside)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(content if kind == "file" else b"{" * (snapshot.Marker.MAX_BYTES + 1))
+        path.chmod(mode)
+    try:
+        raw = snapshot.read_marker(control, snapshot.Marker.RESTORE_CONTEXT)
+    except MarkerError:
+        return
+    assert kind == "file" and raw == content and not mode & 0o022
+    with contextlib.suppress(MarkerError):
+        snapshot.parse_restore_context(raw or b"", snapshot.ALLOWED_ENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 from dynamo_vllm.agent.protocol import Marker
@@ -74,3 +75,31 @@ def test_the_start_scan_finds_markers_written_before(tmp_path: Path) -> None:
     (root / "2" / "other").write_text("x")
     watcher = MarkerWatcher(root, lambda worker, name: None)
     assert watcher.scan() == [("0", Marker.READY), ("2", Marker.SNAPSHOT_COMPLETE)]
+
+
+def test_a_removed_root_is_seen_and_watched_again_after_a_restart(tmp_path: Path) -> None:
+    async def scenario() -> list[tuple[str, str]]:
+        root = tmp_path / "control"
+        (root / "0").mkdir(parents=True, mode=0o700)
+        seen: list[tuple[str, str]] = []
+        watcher = MarkerWatcher(root, lambda worker, name: seen.append((worker, name)))
+        watcher.start(asyncio.get_running_loop())
+        try:
+            assert watcher.watching
+            shutil.rmtree(root)
+            for _ in range(50):
+                if not watcher.watching:
+                    break
+                await asyncio.sleep(0.05)
+            assert not watcher.watching
+            (root / "0").mkdir(parents=True, mode=0o700)
+            watcher.restart()
+            assert watcher.watching
+            await asyncio.sleep(0.1)
+            write_marker(root / "0", Marker.READY, b'{"pid": 2, "hash": "h"}')
+            await asyncio.sleep(0.5)
+        finally:
+            watcher.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == [("0", Marker.READY)]

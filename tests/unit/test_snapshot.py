@@ -103,6 +103,22 @@ def test_markers_are_read_safely(tmp_path: Path, control: Path) -> None:
         read_marker(control, Marker.READY)
 
 
+def test_markers_someone_else_could_have_written_are_refused(control: Path) -> None:
+    marker = control / Marker.RESTORE_COMPLETE
+    marker.write_bytes(b"restored")
+    marker.chmod(0o600)
+    assert read_marker(control, Marker.RESTORE_COMPLETE) == b"restored"
+    for mode in (0o620, 0o602, 0o666):
+        marker.chmod(mode)
+        with pytest.raises(MarkerError, match="writable by other users"):
+            read_marker(control, Marker.RESTORE_COMPLETE)
+    marker.chmod(0o600)
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(marker, 65534, 65534)
+        with pytest.raises(MarkerError, match="belongs to uid 65534"):
+            read_marker(control, Marker.RESTORE_COMPLETE)
+
+
 @pytest.mark.parametrize("content", [b"\xff\xfe", b"[]", b'{"pid": "1", "hash": "h"}',
                                      b'{"pid": 1234, "hash": "../x"}', b'{"pid": true}'])
 def test_malformed_ready_markers(content: bytes) -> None:

@@ -1,0 +1,54 @@
+"""A worker's metric directory removed under it (a tmpfiles clean-up, an operator's rm -rf).
+
+prometheus_client opens each file once per process and writes through a shared mapping, so
+the worker goes on counting into files that no longer have a name, and the supervisor
+would export nothing for it until its next life. The supervisor puts the directory back
+and, for each file the worker's tree still holds open, a symlink to it through
+/proc/PID/fd: the series come back whole (no counter reset), and files the worker creates
+later land in the directory as usual. The directory is removed when the life ends, so the
+links never outlive the processes they point into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+DELETED = " (deleted)"
+
+
+def held_deleted(pids: list[int], directory: Path) -> dict[str, str]:
+    """{file name: /proc/PID/fd/N} for the metric files of `directory` that these processes
+    still hold open after they were unlinked."""
+    prefix = str(directory) + "/"
+    found: dict[str, str] = {}
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if not link.endswith(DELETED):
+                continue
+            name = link[: -len(DELETED)].removeprefix(prefix)
+            if name != link[: -len(DELETED)] and "/" not in name and name.endswith(".db"):
+                found.setdefault(name, f"{fd_dir}/{fd}")
+    return found
+
+
+def restore_directory(directory: Path, pids: list[int]) -> int:
+    """Make `directory` again (0700) and link into it the files the processes hold;
+    returns how many were linked."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    linked = 0
+    for name, target in held_deleted(pids, directory).items():
+        with contextlib.suppress(FileExistsError):
+            os.symlink(target, directory / name)
+            linked += 1
+    return linked

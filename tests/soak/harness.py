@@ -1,0 +1,471 @@
+"""The fault-injection soak: a real supervisor with real engines, under load, under faults.
+
+`Soak` starts etcd, a checkpoint store on a small tmpfs, and `dynamo-vllm run` with two
+workers of the tiny model on the CPU engine (checkpoints on, so that most recoveries are
+restores). Load runs throughout (tests/soak/load.py). Faults (tests/soak/faults.py) are
+injected one at a time, in an order drawn from a fixed seed, each once the instance is
+whole again. Throughout, an observer polls /status and checks the invariants; at the end
+the report is a Markdown table of faults and requests, and the list of violations, which a
+test asserts is empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.soak.faults import BY_NAME, DEAD, FAULTS, GONE, HUNG, STOPPED, Fault
+from tests.soak.load import COMPLETED, FAILED, LOST, Load
+from tests.support import (
+    EtcdServer,
+    SupervisorProcess,
+    engine_config,
+    free_port,
+    wait_for,
+    write_config,
+)
+
+# Two busy cores: the observer, the supervisor and the engines compete for them.
+SLACK_S = 3.0
+FAULT_TIMEOUT_S = 180.0
+STORE_SIZE = "4g"
+
+
+@dataclass
+class FaultResult:
+    fault: str
+    worker: int
+    detected_s: float | None
+    recovered_s: float | None
+    bound_s: float | None
+    error: str = ""
+    # The restart reasons the supervisor gave (restarts_by_reason, what moved).
+    reasons: str = ""
+
+
+@dataclass
+class Resources:
+    fds: int
+    rss: int
+    metric_files: int
+    dead_metric_files: int
+    shm: int
+    descendants: int
+
+
+@dataclass
+class SoakSettings:
+    seed: int = 7
+    # 0: every fault once (the CI version); otherwise faults drawn at random until then.
+    duration: float = 0.0
+    faults: tuple[str, ...] = tuple(f.name for f in FAULTS)
+    clients: int = 2
+
+
+@dataclass
+class Soak:
+    model: Path
+    criu: Path
+    tmp: Path
+    settings: SoakSettings = field(default_factory=SoakSettings)
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        self.runtime = self.tmp / "runtime"
+        self.store = self.tmp / "store"
+        # Where the workers publish themselves (the supervisor's scrape target lives under
+        # "instances-scrape-targets/", outside this prefix).
+        self.etcd_prefix = "/dynamo-vllm/v1/instances/"
+        self.lease_ttl = 5
+        self.notes: list[str] = []
+        self.violations: list[str] = []
+        self.results: list[FaultResult] = []
+        self.skipped: dict[str, str] = {}
+        self.samples: list[tuple[float, dict[int, dict[str, Any]] | None]] = []
+        self._latest: dict[int, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._observer: threading.Thread | None = None
+        self.supervisor: SupervisorProcess | None = None
+        self.load: Load | None = None
+        self.shm_before: set[str] = set()
+        self.whole_since: float | None = None
+        self._http: httpx.Client | None = None
+
+    # ------------------------------------------------------------ set-up and tear-down
+
+    def config(self) -> dict[str, Any]:
+        self.metrics_port = free_port()
+        config = engine_config(
+            self.model, free_port(),
+            workers={"count": self.workers, "min_ready": 1, "drain_timeout": 2.0,
+                     "stop_timeout": 20.0, "restart_backoff": 0.5,
+                     # Faults come far faster here than on any real node.
+                     "crash_loop_restarts": 1000},
+            health={"interval": 0.5, "check_timeout": 5.0, "canary_idle": 2.0,
+                    "canary_timeout": 2.0, "canary_failures": 2, "poll_interval": 0.5,
+                    "poll_timeout": 2.0, "poll_failures": 3},
+            metrics={"port": self.metrics_port},
+            discovery={"backend": "etcd", "etcd_endpoints": [self.etcd.url],
+                       "lease_ttl": self.lease_ttl},
+            checkpoint={"enabled": True, "store": str(self.store), "criu": str(self.criu),
+                        "timeout": 120.0, "keep": 4})
+        config["workers"]["base_port"] = free_port()
+        return config
+
+    def start(self) -> None:
+        self.shm_before = set(os.listdir("/dev/shm"))
+        self.etcd = EtcdServer(self.tmp / "etcd", self.tmp / "etcd.log").start()
+        self.store.mkdir(mode=0o700)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={STORE_SIZE},mode=0700", "tmpfs",
+                        str(self.store)], check=True, timeout=30)
+        self.config_path = write_config(self.tmp / "tiny.toml", self.config())
+        # Ports: workers bind base_port + i; both were checked free above.
+        self.supervisor = SupervisorProcess(self.config_path, self.tmp, self.metrics_port)
+        self._observer = threading.Thread(target=self._observe, name="soak-observer",
+                                          daemon=True)
+        self._observer.start()
+        self.wait(self.whole, 600, "every worker serving, restored from its checkpoint",
+                  interval=0.5)
+        self.load = Load(self.serving_ports, "tiny", clients=self.settings.clients,
+                         seed=self.settings.seed)
+
+    def stop(self) -> Resources | None:
+        """Stop the load, then the supervisor; the processes it left, if any, are killed
+        and reported."""
+        after = None
+        if self.load is not None:
+            self.load.stop()
+        if self.supervisor is not None:
+            with contextlib.suppress(Exception):
+                time.sleep(2.0)
+                after = self.resources()
+            self._stop.set()
+            if self._observer is not None:
+                self._observer.join(10)
+            self.supervisor.remember_children()
+            self.supervisor.proc.terminate()
+            try:
+                code = self.supervisor.proc.wait(120)
+                if code != 0:
+                    self.violations.append(f"the supervisor exited {code} on SIGTERM")
+            except subprocess.TimeoutExpired:
+                self.violations.append("the supervisor did not stop within 120 s")
+            time.sleep(1.0)
+            left = self.supervisor.alive_leftovers()
+            if left:
+                self.violations.append(f"processes left after the supervisor stopped: {left}")
+            self.supervisor.cleanup()
+        leaked = sorted(set(os.listdir("/dev/shm")) - self.shm_before)
+        if leaked:
+            self.violations.append(f"/dev/shm files left: {leaked[:5]} ({len(leaked)})")
+        with contextlib.suppress(Exception):
+            self.etcd.stop()
+        subprocess.run(["umount", "-l", str(self.store)], check=False, timeout=30)
+        return after
+
+    # ------------------------------------------------------------ what the supervisor says
+
+    def _observe(self) -> None:
+        assert self.supervisor is not None
+        with httpx.Client(timeout=3.0) as client:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                try:
+                    status = client.get(self.supervisor.base + "/status").json()
+                    workers = {w["worker"]: w for w in status["workers"]}
+                except (httpx.HTTPError, ValueError, KeyError):
+                    workers = None
+                self.supervisor.remember_children()
+                self.samples.append((now, workers))
+                if workers is not None:
+                    self._latest = workers
+                    self._check_min_ready(now, workers)
+                elif self.whole_since is not None:
+                    self.violations.append(f"t={self.t(now):.1f}s: /status did not answer")
+                self._stop.wait(0.25)
+
+    def _check_min_ready(self, now: float, workers: dict[int, dict[str, Any]]) -> None:
+        available = sum(1 for w in workers.values() if w["state"] in ("serving", "sleeping"))
+        if self.whole_since is None:
+            if available == self.workers:
+                self.whole_since = now
+            return
+        if available < 1:
+            self.violations.append(f"t={self.t(now):.1f}s: no worker serving "
+                                   f"({ {i: w['state'] for i, w in workers.items()} })")
+
+    def t(self, when: float) -> float:
+        return when - (self.whole_since or when)
+
+    def worker(self, index: int) -> dict[str, Any]:
+        return dict(self._latest.get(index) or {"state": "unknown", "pid": None,
+                                                "restarts": -1, "restored": False})
+
+    def whole(self) -> bool:
+        return len(self._latest) == self.workers and all(
+            w["state"] == "serving" and w["restored"] for w in self._latest.values())
+
+    def serving_ports(self) -> dict[int, int]:
+        return {i: w["port"] for i, w in self._latest.items() if w["state"] == "serving"}
+
+    def scrape(self) -> str:
+        assert self.supervisor is not None
+        # One client for the whole soak: a new one per call costs a TLS context each time.
+        if self._http is None:
+            self._http = httpx.Client(timeout=10.0)
+        return self._http.get(self.supervisor.base + "/metrics").text
+
+    def metric_value(self, name: str, labels: dict[str, str]) -> float:
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
+        for line in self.scrape().splitlines():
+            if line.startswith(name + "{") and all(w in line for w in wanted):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command, rest = args[0], list(args[1:])
+        argv = [sys.executable, "-m", "dynamo_vllm.supervisor.cli", command,
+                str(self.config_path), *rest]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        if check and result.returncode != 0:
+            raise AssertionError(f"dynamo-vllm {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout}{result.stderr}")
+        return result
+
+    @staticmethod
+    def wait(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.1) -> Any:
+        return wait_for(predicate, timeout, interval=interval, what=what)
+
+    # ------------------------------------------------------------ resources
+
+    def resources(self) -> Resources:
+        assert self.supervisor is not None
+        supervisor = psutil.Process(self.supervisor.proc.pid)
+        files = list((self.runtime / "metrics").glob("*/*.db"))
+        dead = 0
+        for path in files:
+            match = re.search(r"_(\d+)\.db$", path.name)
+            if match and not psutil.pid_exists(int(match.group(1))):
+                dead += 1
+        shm = len(set(os.listdir("/dev/shm")) - self.shm_before)
+        return Resources(fds=supervisor.num_fds(), rss=supervisor.memory_info().rss,
+                         metric_files=len(files), dead_metric_files=dead, shm=shm,
+                         descendants=len(supervisor.children(recursive=True)))
+
+    # ------------------------------------------------------------ faults
+
+    def bound(self, kind: str | None) -> float | None:
+        h = self.health
+        if kind == DEAD:
+            return h["interval"] + h["check_timeout"] + h["poll_interval"] + h["poll_timeout"]
+        if kind == HUNG:
+            return (h["canary_idle"] + h["canary_timeout"] * h["canary_failures"]
+                    + h["interval"] + h["poll_interval"] + h["poll_timeout"])
+        if kind == GONE:
+            return h["poll_interval"] + 1.0
+        if kind == STOPPED:
+            return (h["poll_interval"] + h["poll_timeout"]) * h["poll_failures"]
+        return None
+
+    @property
+    def health(self) -> dict[str, float]:
+        import tomllib
+
+        return dict(tomllib.loads(self.config_path.read_text())["health"])
+
+    def schedule(self) -> list[tuple[str, int]]:
+        rng = random.Random(self.settings.seed)
+        names = [n for n in self.settings.faults if n in BY_NAME]
+        if self.settings.duration <= 0:
+            rng.shuffle(names)
+            return [(name, rng.randrange(self.workers)) for name in names]
+        return [(rng.choice(names), rng.randrange(self.workers)) for _ in range(10_000)]
+
+    def run(self) -> tuple[Resources, Resources | None]:
+        """Inject the faults; returns the resources before the first and after the last."""
+        assert self.load is not None
+        self.load.start()
+        time.sleep(3.0)
+        before = self.resources()
+        ends = time.monotonic() + self.settings.duration
+        for name, worker in self.schedule():
+            if self.settings.duration > 0 and time.monotonic() > ends:
+                break
+            fault = BY_NAME[name]
+            reason = fault.available(self)
+            if reason:
+                self.skipped[name] = reason
+                continue
+            self.results.append(self._inject(fault, worker))
+        return before, None
+
+    def _inject(self, fault: Fault, worker: int) -> FaultResult:
+        try:
+            self.wait(self.whole, FAULT_TIMEOUT_S, "the instance whole again before a fault",
+                      interval=0.25)
+        except TimeoutError as exc:
+            return FaultResult(fault.name, worker, None, None, None, str(exc))
+        time.sleep(1.0)
+        bound = self.bound(fault.detection)
+        pid = self.worker(worker)["pid"]
+        reasons_before = dict(self.worker(worker).get("restarts_by_reason") or {})
+        started = time.monotonic()
+        detected = recovered = None
+        state: Any = None
+        error = ""
+        try:
+            state = fault.inject(self, worker)
+            deadline = started + FAULT_TIMEOUT_S
+            struck: float | None = None if fault.struck else started
+            while time.monotonic() < deadline:
+                now = self.worker(worker)
+                if struck is None and fault.struck is not None \
+                        and fault.struck(self, worker, state):
+                    struck = time.monotonic()
+                if detected is None and fault.detection is not None and struck is not None \
+                        and (now["state"] != "serving" or now["pid"] != pid):
+                    detected = time.monotonic() - struck
+                if fault.recovered(self, worker, state):
+                    recovered = time.monotonic() - started
+                    break
+                time.sleep(0.1)
+            else:
+                error = f"not recovered within {FAULT_TIMEOUT_S:g} s"
+        except Exception as exc:  # one fault that cannot be done must not end the soak
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            if fault.cleanup is not None and state is not None:
+                with contextlib.suppress(Exception):
+                    fault.cleanup(self, worker, state)
+        if fault.detection is not None and recovered is not None:
+            if detected is None:
+                detected = recovered
+            if bound is not None and detected > bound + SLACK_S:
+                self.violations.append(
+                    f"{fault.name} on worker {worker}: still called serving "
+                    f"{detected:.1f} s after the fault (bound {bound:.1f} s + {SLACK_S:g})")
+        if error:
+            self.violations.append(f"{fault.name} on worker {worker}: {error}")
+        reasons_after = dict(self.worker(worker).get("restarts_by_reason") or {})
+        moved = sorted(r for r, n in reasons_after.items() if n > reasons_before.get(r, 0))
+        return FaultResult(fault.name, worker, detected, recovered, bound, error,
+                           ", ".join(moved))
+
+    # ------------------------------------------------------------ the report
+
+    def check_resources(self, before: Resources, after: Resources | None) -> None:
+        if after is None:
+            self.violations.append("resources could not be read at the end")
+            return
+        if after.fds > before.fds + 4:
+            self.violations.append(f"supervisor fds grew: {before.fds} -> {after.fds}")
+        if after.dead_metric_files:
+            self.violations.append(f"{after.dead_metric_files} metric file(s) of dead "
+                                   "processes left")
+        if after.metric_files > before.metric_files:
+            self.violations.append(f"metric files grew: {before.metric_files} -> "
+                                   f"{after.metric_files}")
+        if after.shm > before.shm:
+            self.violations.append(f"/dev/shm files grew: {before.shm} -> {after.shm}")
+        if after.descendants != before.descendants:
+            self.violations.append(f"supervisor's processes: {before.descendants} -> "
+                                   f"{after.descendants}")
+        if after.rss > before.rss + 32 * 2**20:
+            self.violations.append(f"supervisor RSS grew by "
+                                   f"{(after.rss - before.rss) / 2**20:.0f} MiB")
+
+    def report(self, before: Resources, after: Resources | None) -> str:
+        lines = ["| fault | injected | recovered | detection median / max (s) | bound (s) "
+                 "| back to serving median / max (s) | restart reason |",
+                 "|---|---|---|---|---|---|---|"]
+        for name in dict.fromkeys(r.fault for r in self.results):
+            rows = [r for r in self.results if r.fault == name]
+            ok = [r for r in rows if r.recovered_s is not None and not r.error]
+            det = [r.detected_s for r in ok if r.detected_s is not None]
+            rec = [r.recovered_s for r in ok if r.recovered_s is not None]
+            bound = rows[0].bound_s
+            reasons = ", ".join(sorted({r.reasons for r in rows if r.reasons})) or "-"
+            lines.append(f"| {name} | {len(rows)} | {len(ok)} | {_med_max(det)} | "
+                         f"{'' if bound is None else f'{bound:.1f}'} | {_med_max(rec)} | "
+                         f"{reasons} |")
+        for name, reason in self.skipped.items():
+            lines.append(f"| {name} | 0 | - | not run: {reason} | | | |")
+        assert self.load is not None
+        counts = self.load.counts()
+        sent = sum(counts.values())
+        lines += ["", "| requests sent | completed | failed with an explicit error | lost |",
+                  "|---|---|---|---|",
+                  f"| {sent} | {counts[COMPLETED]} | {counts[FAILED]} | {counts[LOST]} |", ""]
+        failures: dict[str, int] = {}
+        for outcome in self.load.outcomes:
+            if outcome.result != COMPLETED:
+                key = f"{outcome.result}: {re.sub(r'[0-9]+', 'N', outcome.detail)[:90]}"
+                failures[key] = failures.get(key, 0) + 1
+        if failures:
+            lines += ["| outcome | count |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in sorted(failures.items(), key=lambda kv: -kv[1])]
+            lines.append("")
+        lines += ["| resource | before | after |", "|---|---|---|"]
+        for name in ("fds", "rss", "metric_files", "dead_metric_files", "shm", "descendants"):
+            b = getattr(before, name)
+            a = getattr(after, name) if after is not None else "?"
+            if name == "rss":
+                b = f"{b / 2**20:.0f} MiB"
+                a = f"{a / 2**20:.0f} MiB" if isinstance(a, int) else a
+            lines.append(f"| {name.replace('_', ' ')} | {b} | {a} |")
+        if self.notes:
+            lines += ["", *(f"- {note}" for note in self.notes)]
+        lines += ["", "Violations: " + ("none" if not self.violations else "")]
+        lines += [f"- {v}" for v in self.violations]
+        return "\n".join(lines) + "\n"
+
+
+def _med_max(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.1f} / {max(values):.1f}"
+
+
+def run_soak(model: Path, criu: Path, tmp: Path, settings: SoakSettings) -> tuple[str, Soak]:
+    soak = Soak(model, criu, tmp, settings)
+    after: Resources | None = None
+    before: Resources | None = None
+    try:
+        soak.start()
+        before, _ = soak.run()
+    finally:
+        after = soak.stop()
+    assert before is not None
+    soak.check_resources(before, after)
+    if soak.load is not None:
+        lost = [o for o in soak.load.outcomes if o.result == LOST]
+        if lost:
+            soak.violations.append(f"{len(lost)} request(s) lost, first: worker "
+                                   f"{lost[0].worker} at t={soak.t(lost[0].started):.1f}s: "
+                                   f"{lost[0].detail}")
+    report = soak.report(before, after)
+    (tmp / "report.md").write_text(report)
+    return report, soak
+
+
+def copy_logs(soak: Soak, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("supervisor.log", "etcd.log", "report.md"):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copy(soak.tmp / name, out / name)

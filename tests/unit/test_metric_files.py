@@ -1,0 +1,79 @@
+"""A worker's metric directory removed under it: put back with the files the worker still
+writes (real prometheus_client multiprocess files, a real child process)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from dynamo_vllm.supervisor.metric_files import held_deleted, restore_directory
+
+CHILD = """
+import os, sys
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from prometheus_client import Counter
+c = Counter("soak_requests", "requests")
+c.inc()
+print("ready", flush=True)
+for line in sys.stdin:
+    c.inc(int(line))
+    print("done", flush=True)
+"""
+
+
+def _total(directory: Path) -> float:
+    files = [str(p) for p in directory.glob("*.db")]
+    for metric in MultiProcessCollector.merge(files, accumulate=True):
+        if metric.name == "soak_requests":
+            return sum(s.value for s in metric.samples if s.name == "soak_requests_total")
+    return -1.0
+
+
+def test_the_directory_comes_back_with_series_that_keep_counting(tmp_path: Path) -> None:
+    directory = tmp_path / "metrics" / "worker0"
+    directory.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(directory)], text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        assert _total(directory) == 1.0
+        shutil.rmtree(tmp_path / "metrics")
+        held = held_deleted([child.pid], directory)
+        assert list(held) == [f"counter_{child.pid}.db"]
+        assert restore_directory(directory, [child.pid]) == 1
+        assert oct(directory.stat().st_mode & 0o777) == "0o700"
+        # The worker writes to the unlinked file; the supervisor reads it through the link.
+        child.stdin.write("41\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        assert _total(directory) == 42.0
+        # Twice is harmless: nothing is linked over what is there.
+        assert restore_directory(directory, [child.pid]) == 0
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_files_of_other_directories_and_live_files_are_left_alone(tmp_path: Path) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    mine.mkdir()
+    other.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        f"a = open({str(other / 'x.db')!r}, 'w'); b = open({str(mine / 'live.db')!r}, 'w')\n"
+        f"c = open({str(mine / 'sub.txt')!r}, 'w')\n"
+        "print('open', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "open"
+        (other / "x.db").unlink()
+        (mine / "sub.txt").unlink()
+        assert held_deleted([child.pid], mine) == {}
+        assert held_deleted([999_999_999], mine) == {}
+    finally:
+        child.kill()
+        child.wait(10)
