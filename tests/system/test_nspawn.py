@@ -1,9 +1,10 @@
 """The .deb under a real systemd: a Debian 12 container booted with systemd-nspawn.
 
-In order, on one container: install the package, add the CPU engine from a wheelhouse,
-start an instance on the tiny model, scrape it from the host, kill its EngineCore, reload
-it, stop its supervisor (watchdog), start a bad config, stop, remove and purge; then the
-"full" install (the agent and the engine .deb, no pip) serves as well.
+In order, on one container: install the package, add the CPU engine from a wheelhouse
+(and package that engine tree as the engine .deb), start an instance on the tiny model,
+scrape it from the host, kill its EngineCore, reload it, stop its supervisor (watchdog),
+start a bad config, stop, remove (a running instance of stand-in workers is stopped) and
+purge; then the "full" install (the agent and the engine .deb, no pip) serves as well.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import tomli_w
 
 from tests.support import free_port, wait_for
 from tests.system.container import ROOT, Container, missing_tools
@@ -30,7 +32,6 @@ pytestmark = [
     pytest.mark.timeout(1500),
 ]
 
-BUILD = ROOT / "build" / "system"
 UNIT = "dynamo-vllm@tiny.service"
 
 
@@ -41,17 +42,16 @@ def _build(args: list[str], timeout: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def container(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+def container(system_builds: dict[str, Path], deb: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     missing = missing_tools()
     assert not missing, f"missing tools (scripts/install-system-deps): {missing}"
-    _build([str(ROOT / "tests" / "system" / "build-rootfs"), str(BUILD / "rootfs")], 600)
-    _build([str(ROOT / "tests" / "system" / "build-wheelhouse"), str(BUILD / "wheelhouse"),
-            str(Path(sys.executable).with_name("pip"))], 900)
-    _build([str(ROOT / "packaging" / "build-engine-deb"), str(BUILD / "wheelhouse")], 900)
     share = tmp_path_factory.mktemp("share")
     shutil.copy(deb, share / "dynamo-vllm.deb")
-    guest = Container(BUILD / "rootfs", share, share / "nspawn.log",
-                      binds={BUILD / "wheelhouse": "/mnt/wheelhouse", ROOT / "dist": "/mnt/dist"})
+    shutil.copy(ROOT / "tests" / "system" / "vm_guest" / "fake_worker.py", share)
+    guest = Container(system_builds["rootfs"], share, share / "nspawn.log",
+                      binds={system_builds["wheelhouse"]: "/mnt/wheelhouse",
+                             ROOT / "dist": "/mnt/dist"})
     guest.boot()
     guest.metrics_port = free_port()  # type: ignore[attr-defined]
     guest.base_port = free_port()  # type: ignore[attr-defined]
@@ -101,6 +101,10 @@ def test_engine_installs_offline_beside_the_package(container: Container) -> Non
     assert container.run("cat /opt/dynamo-vllm/engine/dynamo-vllm-engine.json").stdout
     # pip never touched dpkg's files.
     assert container.run("dpkg -V dynamo-vllm").stdout.strip() == ""
+    # The engine .deb for the last test: this very tree, packaged from outside (what
+    # `build-engine-deb WHEELHOUSE` does on a build host, without a second pip install).
+    _build([str(ROOT / "packaging" / "build-engine-deb"), "--from-tree",
+            f"/proc/{container.leader}/root/opt/dynamo-vllm/engine"], 600)
 
 
 def test_start_returns_after_ready(container: Container) -> None:
@@ -223,8 +227,17 @@ def test_stop_is_clean(container: Container) -> None:
 
 
 def test_remove_stops_instances_and_purge_leaves_nothing(container: Container) -> None:
-    container.run(f"systemctl start {UNIT}", timeout=600)
-    assert agent_processes(container)
+    # A running instance of stand-in workers: an engine start would prove nothing more.
+    container.run("install -m 0755 /mnt/share/fake_worker.py /usr/local/lib/fake_worker.py")
+    container.run("cat > /usr/local/bin/fake-python <<'EOF'\n#!/bin/sh\n"
+                  'exec /usr/bin/python3 /usr/local/lib/fake_worker.py "$@"\nEOF\n'
+                  "chmod 755 /usr/local/bin/fake-python")
+    config = tomllib.loads(container.run("cat /etc/dynamo-vllm/tiny.toml").stdout)
+    config["workers"].update(python="/usr/local/bin/fake-python", base_port=free_port())
+    config["metrics"]["port"] = free_port()
+    container.run(f"cat > /etc/dynamo-vllm/fake.toml <<'EOF'\n{tomli_w.dumps(config)}\nEOF")
+    container.run("systemctl start dynamo-vllm@fake.service", timeout=120)
+    assert any("fake_worker" in p or "dynamo_vllm.agent" in p for p in agent_processes(container))
     container.run("dpkg -r dynamo-vllm", timeout=200)
     assert agent_processes(container) == []
     assert container.run("test -e /opt/dynamo-vllm/venv || echo gone").stdout.strip() == "gone"
