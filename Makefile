@@ -63,7 +63,7 @@ integration: setup
 	$(BIN)/pytest -q tests/integration
 
 test: lint typecheck
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs --durations=25
 
 bench: setup $(TINY_MODEL)/config.json
 	$(BIN)/python benchmarks/run_all.py --model $(TINY_MODEL)

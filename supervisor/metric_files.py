@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 DELETED = " (deleted)"
+# A restored life holds them under CRIU's ghost-file name ("%s.cr.%x.ghost", unlinked): a
+# checkpoint taken after the directory was removed brings them back removed.
+CRIU_GHOST = re.compile(r"\.cr\.[0-9a-f]+\.ghost$")
 
 
 def held_deleted(pids: list[int], directory: Path) -> dict[str, str]:
@@ -36,8 +40,9 @@ def held_deleted(pids: list[int], directory: Path) -> dict[str, str]:
                 continue
             if not link.endswith(DELETED):
                 continue
-            name = link[: -len(DELETED)].removeprefix(prefix)
-            if name != link[: -len(DELETED)] and "/" not in name and name.endswith(".db"):
+            path = CRIU_GHOST.sub("", link[: -len(DELETED)])
+            name = path.removeprefix(prefix)
+            if name != path and "/" not in name and name.endswith(".db"):
                 found.setdefault(name, f"{fd_dir}/{fd}")
     return found
 

@@ -160,7 +160,13 @@ class WorkerFilesCollector:
             files = glob.glob(os.path.join(directory, "*.db"))
             if not files:
                 continue
-            for metric in MultiProcessCollector.merge(files, accumulate=True):
+            try:
+                merged = MultiProcessCollector.merge(files, accumulate=True)
+            except FileNotFoundError:
+                # The life ended (or its directory was removed) between the listing and the
+                # read: its series are missing from this one scrape, not the others'.
+                continue
+            for metric in merged:
                 family = families.get(metric.name)
                 if family is None:
                     family = Metric(metric.name, metric.documentation, metric.type, metric.unit)

@@ -46,10 +46,15 @@ class Fault:
 
 def _tree(soak: Soak, worker: int, name: str) -> psutil.Process:
     pid = soak.worker(worker)["pid"]
-    for child in psutil.Process(pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if child.name() == name or name in " ".join(child.cmdline()):
-                return child
+    children = psutil.Process(pid).children(recursive=True)
+    # The process vLLM titled so (comm is cut at 15 characters) first; a command line that
+    # starts with the name only if none is.
+    for matches in (lambda p: p.name() in (name, name[:15]),
+                    lambda p: " ".join(p.cmdline()).startswith(name)):
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                if matches(child):
+                    return child
     raise AssertionError(f"worker {worker} (pid {pid}) has no {name} process")
 
 

@@ -77,3 +77,23 @@ def test_files_of_other_directories_and_live_files_are_left_alone(tmp_path: Path
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_files_a_restore_brought_back_removed_are_found_by_their_name(tmp_path: Path) -> None:
+    """After a checkpoint of a life whose directory had been removed, CRIU restores the
+    files as unlinked "ghost" files: NAME.cr.HEX.ghost."""
+    directory = tmp_path / "worker0"
+    directory.mkdir()
+    ghost = directory / "counter_77.db.cr.1a.ghost"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        f"f = open({str(ghost)!r}, 'w')\n"
+        "print('open', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "open"
+        ghost.unlink()
+        held = held_deleted([child.pid], directory)
+        assert list(held) == ["counter_77.db"]
+    finally:
+        child.kill()
+        child.wait(10)
