@@ -44,8 +44,17 @@ class Fault:
     struck: Callable[[Soak, int, Any], bool] | None = None
 
 
-def _tree(soak: Soak, worker: int, name: str) -> psutil.Process:
+def _pid(soak: Soak, worker: int) -> int:
+    # Never None: psutil.Process(None) is this very process, whose tree holds every
+    # worker, and the fault would land on another worker's engine.
     pid = soak.worker(worker)["pid"]
+    if not isinstance(pid, int):
+        raise AssertionError(f"worker {worker} has no process now")
+    return pid
+
+
+def _tree(soak: Soak, worker: int, name: str) -> psutil.Process:
+    pid = _pid(soak, worker)
     children = psutil.Process(pid).children(recursive=True)
     # The process vLLM titled so (comm is cut at 15 characters) first; a command line that
     # starts with the name only if none is.
@@ -69,7 +78,7 @@ def _signal_process(name: str, sig: signal.Signals) -> Callable[[Soak, int], Any
 def _signal_group(sig: signal.Signals) -> Callable[[Soak, int], Any]:
     def inject(soak: Soak, worker: int) -> Any:
         before = soak.worker(worker)["restarts"]
-        os.killpg(soak.worker(worker)["pid"], sig)
+        os.killpg(_pid(soak, worker), sig)
         return before
     return inject
 
@@ -149,7 +158,7 @@ def _remove_control_dir(soak: Soak, worker: int) -> Any:
     soak.wait(lambda: (soak.runtime / "control" / str(worker)).is_dir(), 10,
               "the control directory put back")
     # What the directory is for: the next start restores from the checkpoint.
-    os.killpg(soak.worker(worker)["pid"], signal.SIGKILL)
+    os.killpg(_pid(soak, worker), signal.SIGKILL)
     return before
 
 
@@ -174,13 +183,19 @@ def _fill_store(soak: Soak, worker: int) -> Any:
     soak.notes.append(f"checkpoint on a full store: exit {refused.returncode}: "
                       f"{(refused.stderr or refused.stdout).strip().splitlines()[-1][:160]}")
     ballast.unlink()
+    asked = time.monotonic()
     taken = soak.cli("checkpoint", "--worker", str(worker), check=False)
-    return taken
+    return taken, asked
 
 
 def _checkpoint_taken(soak: Soak, worker: int, before: Any) -> bool:
+    # Taken, and the worker serves in the life restored from it (the dump ended the one
+    # that was asked; the restored life began after the request).
+    taken, asked = before
     now = soak.worker(worker)
-    return bool(before.returncode == 0 and now["state"] == "serving"
+    uptime = now.get("uptime_s")
+    return bool(taken.returncode == 0 and now["state"] == "serving"
+                and uptime is not None and uptime <= time.monotonic() - asked
                 and (soak.store / now["checkpoint_hash"]).is_dir())
 
 

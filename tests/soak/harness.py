@@ -322,6 +322,11 @@ class Soak:
         except TimeoutError as exc:
             return FaultResult(fault.name, worker, None, None, None, str(exc))
         time.sleep(1.0)
+        try:  # still whole after the pause (a status read just before a restart is stale)
+            self.wait(self.whole, FAULT_TIMEOUT_S, "the instance whole after the pause",
+                      interval=0.25)
+        except TimeoutError as exc:
+            return FaultResult(fault.name, worker, None, None, None, str(exc))
         bound = self.bound(fault.detection)
         pid = self.worker(worker)["pid"]
         reasons_before = dict(self.worker(worker).get("restarts_by_reason") or {})
