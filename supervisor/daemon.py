@@ -235,8 +235,7 @@ class Supervisor:
             raise StartupError(f"workers.base_port: in use: {', '.join(busy)}")
 
     def _metrics_dirs(self) -> dict[str, str]:
-        return {h.name: str(h.spec.metrics_dir) for h in self.handles
-                if h.proc is not None and h.proc.returncode is None}
+        return {h.name: str(h.spec.metrics_dir) for h in self.handles if h.running}
 
     # ---------------------------------------------------------------- running
 

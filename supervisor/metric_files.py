@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from .shm import fd_targets
+
 DELETED = " (deleted)"
 # A restored life holds them under CRIU's ghost-file name ("%s.cr.%x.ghost", unlinked): a
 # checkpoint taken after the directory was removed brings them back removed.
@@ -27,23 +29,13 @@ def held_deleted(pids: list[int], directory: Path) -> dict[str, str]:
     still hold open after they were unlinked."""
     prefix = str(directory) + "/"
     found: dict[str, str] = {}
-    for pid in pids:
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
+    for fd_path, link in fd_targets(pids):
+        if not link.endswith(DELETED):
             continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if not link.endswith(DELETED):
-                continue
-            path = CRIU_GHOST.sub("", link[: -len(DELETED)])
-            name = path.removeprefix(prefix)
-            if name != path and "/" not in name and name.endswith(".db"):
-                found.setdefault(name, f"{fd_dir}/{fd}")
+        path = CRIU_GHOST.sub("", link[: -len(DELETED)])
+        name = path.removeprefix(prefix)
+        if name != path and "/" not in name and name.endswith(".db"):
+            found.setdefault(name, fd_path)
     return found
 
 

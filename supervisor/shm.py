@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 SHM = Path("/dev/shm")
@@ -24,6 +25,20 @@ def tree_pids(pid: int) -> list[int]:
         return [pid]
 
 
+def fd_targets(pids: list[int]) -> Iterator[tuple[str, str]]:
+    """(/proc/PID/fd/N, what it points to) for every open file of these processes; those
+    that vanish while being read are skipped."""
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                yield f"{fd_dir}/{fd}", os.readlink(f"{fd_dir}/{fd}")
+
+
 def shm_files(pids: list[int]) -> set[str]:
     """Files in /dev/shm these processes have open or mapped (vLLM's message queues): CRIU
     reopens them by name, and a worker that stopped cleanly has unlinked them."""
@@ -35,12 +50,8 @@ def shm_files(pids: list[int]) -> set[str]:
                 path = parts[5].strip() if len(parts) == 6 else ""
                 if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
                     found.add(path)
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{each}/fd"):
-                with contextlib.suppress(OSError):
-                    link = os.readlink(f"/proc/{each}/fd/{fd}")
-                    if link.startswith("/dev/shm/") and not link.endswith("(deleted)"):
-                        found.add(link)
+    found.update(link for _, link in fd_targets(pids)
+                 if link.startswith("/dev/shm/") and not link.endswith("(deleted)"))
     return found
 
 

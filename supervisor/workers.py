@@ -186,6 +186,11 @@ class WorkerHandle:
             self.phase_since = time.monotonic()
 
     @property
+    def running(self) -> bool:
+        """This life's process is there and has not exited."""
+        return self.proc is not None and self.proc.returncode is None
+
+    @property
     def ending(self) -> bool:
         """The worker said it is going (dead, hung, draining): it exits on its own."""
         return self.phase in (Phase.DEAD, Phase.UNHEALTHY, Phase.DRAINING)
@@ -224,8 +229,7 @@ class WorkerHandle:
     def repair_metrics_dir(self) -> int | None:
         """Put back this life's metric directory if something removed it; returns how many
         files the tree still held and got linked back, None when nothing was missing."""
-        if self.proc is None or self.proc.returncode is not None or self.pid is None \
-                or self.spec.metrics_dir.is_dir():
+        if not self.running or self.pid is None or self.spec.metrics_dir.is_dir():
             return None
         return metric_files.restore_directory(self.spec.metrics_dir,
                                               shared_memory.tree_pids(self.pid))
@@ -327,7 +331,7 @@ class WorkerHandle:
         now = time.monotonic() if now is None else now
         return {
             "worker": self.spec.index,
-            "pid": self.pid if self.proc is not None and self.proc.returncode is None else None,
+            "pid": self.pid if self.running else None,
             "port": self.spec.port,
             "gpus": self.spec.gpus,
             "cpus": self.spec.cpus,
@@ -337,7 +341,7 @@ class WorkerHandle:
             "last_exit": self.last_exit,
             "failed_reason": self.failed_reason or None,
             "uptime_s": round(now - self.started_at, 1)
-            if self.started_at and self.proc and self.proc.returncode is None else None,
+            if self.started_at and self.running else None,
             "serving_for_s": round(now - self.serving_since, 1) if self.serving_since else None,
             "health": self.health,
             "restored": self.restored,
