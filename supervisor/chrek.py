@@ -138,7 +138,10 @@ class CheckpointCoordinator:
         self._engine = ""
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._forced: set[str] = set()
+        # Hashes whose restore failed in this supervisor's life: no automatic dump of them
+        # again, or a host where restores cannot work would cold start, dump and fail to
+        # restore forever (seen under a unit sandbox that CRIU's restore needed more of).
+        self._restore_failed: set[str] = set()
 
     # ------------------------------------------------------------ start
 
@@ -216,7 +219,8 @@ class CheckpointCoordinator:
 
     def wants_checkpoint(self, spec: WorkerSpec) -> bool:
         return (self.unavailable is None and bool(spec.checkpoint_hash)
-                and (self.config.checkpoint.auto or spec.name in self._forced)
+                and self.config.checkpoint.auto
+                and spec.checkpoint_hash not in self._restore_failed
                 and not self.store.has(spec.checkpoint_hash))
 
     def can_restore(self, spec: WorkerSpec) -> bool:
@@ -269,6 +273,11 @@ class CheckpointCoordinator:
         with contextlib.suppress(StoreError, OSError):
             self.store.remove(spec.checkpoint_hash)
         self._count_stored()
+        if self.config.checkpoint.auto and spec.checkpoint_hash not in self._restore_failed:
+            log.error("worker %s: no automatic checkpoint of %s again until the supervisor "
+                      "restarts (`dynamo-vllm checkpoint` still takes one)", spec.name,
+                      spec.checkpoint_hash)
+        self._restore_failed.add(spec.checkpoint_hash)
 
     def started(self, handle: WorkerHandle) -> None:
         self.metrics.restored.labels(worker=handle.name).set(1 if handle.restored else 0)
@@ -337,7 +346,6 @@ class CheckpointCoordinator:
                    marker_hash: str | None = None) -> dict[str, Any]:
         """Dump the worker (paused at its ready marker) into the store."""
         name, wanted = spec.name, spec.checkpoint_hash
-        self._forced.discard(name)
         if marker_hash is not None and marker_hash != wanted:
             return self._result(name, "failed", f"the worker's hash {marker_hash} is not its "
                                                 f"spec's {wanted} (config changed); not taken")

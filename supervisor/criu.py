@@ -55,6 +55,15 @@ class Checkpointer(Protocol):
         """Restore the tree from `images`, detached; returns the root's pid."""
 
 
+def seccomp_mode(status: Path = Path("/proc/self/status")) -> int:
+    """This process's seccomp mode: 0 none, 1 strict, 2 a filter (systemd's sandboxing)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in status.read_text().splitlines():
+            if line.startswith("Seccomp:"):
+                return int(line.split(":", 1)[1])
+    return 0
+
+
 def stdio_of(pid: int) -> dict[str, str]:
     links = {}
     for fd in ("0", "1", "2"):
@@ -139,7 +148,7 @@ class CriuCheckpointer:
         return args
 
     def dump_command(self, pid: int, images: Path, leave_running: bool,
-                     shell_job: bool = False) -> list[str]:
+                     shell_job: bool = False, stdio: dict[str, str] | None = None) -> list[str]:
         # --skip-in-flight: a client that connected while the tree was frozen (a health
         # poll, a load balancer's probe) sits unaccepted in the listen queue; CRIU refuses
         # to dump such a socket, and that client is better reset than the checkpoint lost.
@@ -149,6 +158,12 @@ class CriuCheckpointer:
             cmd.append("--leave-running")
         if shell_job:
             cmd.append("--shell-job")
+        # Under systemd the tree's stdout and stderr are a stream socket to journald, whose
+        # other half CRIU cannot dump; marked external, the restore hands it the current
+        # one (restore_command's --inherit-fd).
+        for ino in sorted({link[len("socket:["):-1] for link in (stdio or {}).values()
+                           if link.startswith("socket:[") and link.endswith("]")}):
+            cmd += ["--external", f"unix[{ino}]"]
         return cmd
 
     def restore_command(self, images: Path, work_dir: Path, stdio: dict[str, str]) -> list[str]:
@@ -176,6 +191,14 @@ class CriuCheckpointer:
     def check(self) -> str | None:
         import subprocess
 
+        filtered = seccomp_mode()
+        if filtered:
+            # `criu check` passes under a filter, and every dump then fails: a tracer under
+            # seccomp may not suspend its tracee's filter, which the workers inherit.
+            return (f"this process runs under a seccomp filter (Seccomp: {filtered}), so CRIU "
+                    "could not dump its workers; under systemd, install the checkpoint "
+                    "drop-in, which turns off the unit's system call filters "
+                    "(systemd/checkpoint.conf.example)")
         try:
             out = subprocess.run([self.binary, "check"], capture_output=True, text=True,
                                  timeout=CHECK_TIMEOUT_S, check=False)
@@ -224,7 +247,7 @@ class CriuCheckpointer:
         started = time.monotonic()
         async with self._one_at_a_time:
             shm, before = shm_files(pids), {str(SHM / n) for n in _listdir(SHM)}
-            await self._run(self.dump_command(pid, images, leave_running, shell_job),
+            await self._run(self.dump_command(pid, images, leave_running, shell_job, stdio),
                             images / "dump.log", "criu dump")
             # After a dump that ends the tree, the link-remap files CRIU left in /dev/shm
             # are what a restore needs (one that leaves it running removes them).

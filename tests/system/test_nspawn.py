@@ -3,8 +3,9 @@
 In order, on one container: install the package, add the CPU engine from a wheelhouse
 (and package that engine tree as the engine .deb), start an instance on the tiny model,
 scrape it from the host, kill its EngineCore, reload it, stop its supervisor (watchdog),
-start a bad config, stop, remove (a running instance of stand-in workers is stopped) and
-purge; then the "full" install (the agent and the engine .deb, no pip) serves as well.
+start a bad config, stop, restore its worker under the checkpoint drop-in (CRIU), remove
+(a running instance of stand-in workers is stopped) and purge; then the "full" install (the
+agent and the engine .deb, no pip) serves as well.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import textwrap
 import time
 import tomllib
 from collections.abc import Iterator
@@ -23,7 +23,13 @@ import pytest
 import tomli_w
 
 from tests.support import free_port, wait_for
-from tests.system.container import ROOT, Container, missing_tools
+from tests.system.container import (
+    GUEST_MODEL,
+    ROOT,
+    Container,
+    missing_tools,
+    tiny_instance_config,
+)
 
 pytestmark = [
     pytest.mark.system,
@@ -49,9 +55,11 @@ def container(system_builds: dict[str, Path], deb: Path,
     share = tmp_path_factory.mktemp("share")
     shutil.copy(deb, share / "dynamo-vllm.deb")
     shutil.copy(ROOT / "tests" / "system" / "vm_guest" / "fake_worker.py", share)
+    shutil.copy(ROOT / "systemd" / "checkpoint.conf.example", share / "checkpoint.conf")
+    # Booted so that CRIU can work under the unit, as on a host (container.CRIU_NSPAWN_ARGS).
     guest = Container(system_builds["rootfs"], share, share / "nspawn.log",
                       binds={system_builds["wheelhouse"]: "/mnt/wheelhouse",
-                             ROOT / "dist": "/mnt/dist"})
+                             ROOT / "dist": "/mnt/dist"}, for_criu=True)
     guest.boot()
     guest.metrics_port = free_port()  # type: ignore[attr-defined]
     guest.base_port = free_port()  # type: ignore[attr-defined]
@@ -108,28 +116,11 @@ def test_engine_installs_offline_beside_the_package(container: Container) -> Non
 
 
 def test_start_returns_after_ready(container: Container) -> None:
-    model = "/var/lib/dynamo-vllm/models/tiny"
     base_port = container.base_port  # type: ignore[attr-defined]
     metrics_port = container.metrics_port  # type: ignore[attr-defined]
-    container.run(f"dynamo-vllm tiny-model {model} && chown -R dynamo-vllm: {model}", timeout=300)
-    config = textwrap.dedent(f"""
-        [model]
-        path = "{model}"
-        served_name = "tiny"
-        [workers]
-        count = 1
-        base_port = {base_port}
-        drain_timeout = 5.0
-        stop_timeout = 30.0
-        [metrics]
-        port = {metrics_port}
-        [engine]
-        enforce_eager = true
-        max_model_len = 512
-        kv_cache_memory_bytes = 67108864
-        dtype = "float32"
-        max_num_seqs = 8
-        """)
+    container.run(f"dynamo-vllm tiny-model {GUEST_MODEL} && chown -R dynamo-vllm: {GUEST_MODEL}",
+                  timeout=300)
+    config = tiny_instance_config(base_port, metrics_port)
     container.run(f"cat > /etc/dynamo-vllm/tiny.toml <<'EOF'\n{config}\nEOF")
     # A short watchdog for the test below; operators keep the unit's 30 s.
     container.run("mkdir -p /etc/systemd/system/dynamo-vllm@tiny.service.d && printf "
@@ -224,6 +215,42 @@ def test_stop_is_clean(container: Container) -> None:
     container.run(f"systemctl stop {UNIT}", timeout=200)
     assert container.show(UNIT, "Result") == "success"
     assert agent_processes(container) == []
+
+
+def test_the_checkpoint_drop_in_lets_the_unit_restore_its_worker(container: Container,
+                                                                 criu: Path) -> None:
+    # The drop-in as shipped, under the unit's real sandbox: the first start takes a
+    # checkpoint and restores from it, the next start restores at once, and the restored
+    # worker's output still reaches journald (its stdout is a socket CRIU must hand over).
+    dropins = f"/etc/systemd/system/{UNIT}.d"
+    config = container.run("cat /etc/dynamo-vllm/tiny.toml").stdout
+    container.run(f"mkdir -p {dropins} && cp /mnt/share/checkpoint.conf {dropins}/ && "
+                  "systemctl daemon-reload")
+    container.run(f"cat >> /etc/dynamo-vllm/tiny.toml <<'EOF'\n[checkpoint]\nenabled = true\n"
+                  f"criu = \"{criu}\"\nEOF")
+    try:
+        container.run(f"systemctl start {UNIT}", timeout=600)
+        first = status(container)
+        assert first["workers"][0]["restored"] is True, first
+        assert first["checkpoint"]["available"] is True, first["checkpoint"]
+        container.run(f"systemctl restart {UNIT}", timeout=600)
+        again = status(container)
+        assert again["ready"] and again["workers"][0]["restored"] is True, again
+        base_port = container.base_port  # type: ignore[attr-defined]
+        answer = httpx.post(f"http://127.0.0.1:{base_port}/v1/completions", timeout=60,
+                            json={"model": "tiny", "prompt": "hello", "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        # Two restores, two lines the restored worker itself wrote after its restore.
+        container.wait(f"test $(journalctl --no-pager -o cat -u {UNIT} | "
+                       "grep -c 'worker 0: restored after') -ge 2", 30,
+                       "the restored worker's lines in the journal")
+        container.run(f"systemctl stop {UNIT}", timeout=200)
+        assert container.show(UNIT, "Result") == "success"
+        assert agent_processes(container) == []
+    finally:
+        container.run(f"systemctl stop {UNIT}; rm -f {dropins}/checkpoint.conf; "
+                      "systemctl daemon-reload", timeout=200, check=False)
+        container.run(f"cat > /etc/dynamo-vllm/tiny.toml <<'EOF'\n{config}\nEOF")
 
 
 def test_remove_stops_instances_and_purge_leaves_nothing(container: Container) -> None:

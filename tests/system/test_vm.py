@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.support import free_port
-from tests.system.container import ROOT
+from tests.system.container import BUILD
 from tests.system.vm import VM
 
 pytestmark = [
@@ -28,7 +28,6 @@ pytestmark = [
     pytest.mark.timeout(1200),
 ]
 
-BUILD = ROOT / "build" / "system"
 GUEST = Path(__file__).with_name("vm_guest")
 
 

@@ -174,3 +174,16 @@ def test_operator_requests(tmp_path: Path) -> None:
     assert not_serving[0] == 409 and "a checkpoint is taken while it serves" in \
         not_serving[1]["error"]
     assert no_checkpoint[0] == 409 and "no checkpoint stored" in no_checkpoint[1]["error"]
+
+
+def test_after_a_failed_restore_no_automatic_checkpoint_of_that_hash(tmp_path: Path) -> None:
+    # Else a host where restores fail cold starts, dumps and fails to restore forever.
+    coordinator, handle, metrics = make(tmp_path, RecordingCheckpointer())
+    asyncio.run(coordinator.take(handle.spec, os.getpid(), leave_running=False))
+    with pytest.raises(CheckpointError):
+        asyncio.run(coordinator.restore(handle))
+    coordinator.restore_failed(handle, CheckpointError("criu restore failed: timens"))
+    assert count(metrics, "restores", worker="0", result="cold_start") == 1
+    assert not coordinator.can_restore(handle.spec)
+    assert Env.SNAPSHOT_CONTROL_DIR not in coordinator.spawn_env(handle.spec)
+    assert "restore failed" in coordinator.last_event

@@ -4,12 +4,19 @@ criu binary here; tests/integration/test_checkpoint_restore.py runs the real one
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from dynamo_vllm.supervisor import criu as criu_module
-from dynamo_vllm.supervisor.criu import CheckpointError, CriuCheckpointer, error_lines
+from dynamo_vllm.supervisor.criu import (
+    CheckpointError,
+    CriuCheckpointer,
+    error_lines,
+    seccomp_mode,
+)
 
 
 def test_dump_command() -> None:
@@ -25,6 +32,18 @@ def test_dump_command() -> None:
         1, Path("/i"), leave_running=True, shell_job=True)
     assert "--leave-running" in cmd and "--shell-job" in cmd
     assert cmd[cmd.index("-L") + 1] == "/usr/lib/criu"
+    assert "--external" not in cmd
+
+
+def test_a_stdio_socket_is_dumped_as_external_and_inherited_on_restore() -> None:
+    # Under systemd, stdout and stderr are one stream socket to journald.
+    journal = {"0": "/dev/null", "1": "socket:[81723]", "2": "socket:[81723]"}
+    criu = CriuCheckpointer("criu")
+    cmd = criu.dump_command(1, Path("/i"), leave_running=False, stdio=journal)
+    assert cmd.count("--external") == 1
+    assert cmd[cmd.index("--external") + 1] == "unix[81723]"
+    cmd = criu.restore_command(Path("/i"), Path("/w"), journal)
+    assert cmd[cmd.index("--inherit-fd") + 1] == "fd[1]:socket:[81723]"
 
 
 def test_restore_hands_over_the_supervisors_stdout() -> None:
@@ -95,3 +114,41 @@ def test_a_restore_without_a_pid_is_a_failure(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="gave no pid"):
         asyncio.run(CriuCheckpointer(_script(tmp_path, "exit 0\n"), timeout=5).restore(
             images, tmp_path / "work", {}))
+
+
+# A child that installs an allow-everything seccomp filter (the kind systemd's sandboxing
+# settings install), then asks the checkpointer whether dumps can work.
+UNDER_SECCOMP = """
+import ctypes, sys
+from dynamo_vllm.supervisor.criu import CriuCheckpointer, seccomp_mode
+
+class Insn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint)]
+
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+libc = ctypes.CDLL(None, use_errno=True)
+allow = (Insn * 1)(Insn(0x06, 0, 0, 0x7FFF0000))  # BPF_RET|BPF_K, SECCOMP_RET_ALLOW
+prog = Prog(1, allow)
+assert seccomp_mode() == 0
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0, ctypes.get_errno()  # PR_SET_SECCOMP
+print(seccomp_mode())
+print(CriuCheckpointer(sys.argv[1]).check())
+"""
+
+
+def test_checkpoints_are_refused_under_a_seccomp_filter(tmp_path: Path) -> None:
+    # `criu check` itself would pass here; the dump would fail. The binary is never run.
+    out = subprocess.run([sys.executable, "-c", UNDER_SECCOMP, str(tmp_path / "no-criu")],
+                         capture_output=True, text=True, timeout=60, check=True)
+    mode, reason = out.stdout.splitlines()
+    assert mode == "2"
+    assert "seccomp filter (Seccomp: 2)" in reason and "checkpoint.conf.example" in reason
+
+
+def test_without_a_filter_the_check_goes_on_to_criu(tmp_path: Path) -> None:
+    assert seccomp_mode() == 0
+    assert "not found" in str(CriuCheckpointer(str(tmp_path / "no-criu")).check())
