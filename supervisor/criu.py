@@ -148,7 +148,10 @@ class CriuCheckpointer:
         return args
 
     def dump_command(self, pid: int, images: Path, leave_running: bool,
-                     shell_job: bool = False, stdio: dict[str, str] | None = None) -> list[str]:
+                     stdio: dict[str, str] | None = None) -> list[str]:
+        """`stdio`: the tree's fd 0-2 links (stdio_of), which decide --shell-job and the
+        external sockets, as they decide the restore's --inherit-fd."""
+        stdio = stdio or {}
         # --skip-in-flight: a client that connected while the tree was frozen (a health
         # poll, a load balancer's probe) sits unaccepted in the listen queue; CRIU refuses
         # to dump such a socket, and that client is better reset than the checkpoint lost.
@@ -156,12 +159,12 @@ class CriuCheckpointer:
                *self._common(), "--skip-in-flight"]
         if leave_running:
             cmd.append("--leave-running")
-        if shell_job:
+        if any(link.startswith(("/dev/pts/", "/dev/tty")) for link in stdio.values()):
             cmd.append("--shell-job")
         # Under systemd the tree's stdout and stderr are a stream socket to journald, whose
         # other half CRIU cannot dump; marked external, the restore hands it the current
         # one (restore_command's --inherit-fd).
-        for ino in sorted({link[len("socket:["):-1] for link in (stdio or {}).values()
+        for ino in sorted({link[len("socket:["):-1] for link in stdio.values()
                            if link.startswith("socket:[") and link.endswith("]")}):
             cmd += ["--external", f"unix[{ino}]"]
         return cmd
@@ -242,12 +245,11 @@ class CriuCheckpointer:
 
     async def dump(self, pid: int, images: Path, leave_running: bool) -> DumpResult:
         stdio = stdio_of(pid)
-        shell_job = any(link.startswith(("/dev/pts/", "/dev/tty")) for link in stdio.values())
         pids = tree_pids(pid)
         started = time.monotonic()
         async with self._one_at_a_time:
             shm, before = shm_files(pids), {str(SHM / n) for n in _listdir(SHM)}
-            await self._run(self.dump_command(pid, images, leave_running, shell_job, stdio),
+            await self._run(self.dump_command(pid, images, leave_running, stdio),
                             images / "dump.log", "criu dump")
             # After a dump that ends the tree, the link-remap files CRIU left in /dev/shm
             # are what a restore needs (one that leaves it running removes them).

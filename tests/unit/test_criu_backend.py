@@ -29,7 +29,7 @@ def test_dump_command() -> None:
         assert flag in cmd
     assert "--leave-running" not in cmd and "--shell-job" not in cmd and "-L" not in cmd
     cmd = CriuCheckpointer("criu", libdir="/usr/lib/criu").dump_command(
-        1, Path("/i"), leave_running=True, shell_job=True)
+        1, Path("/i"), leave_running=True, stdio={"0": "/dev/pts/3", "1": "/dev/pts/3"})
     assert "--leave-running" in cmd and "--shell-job" in cmd
     assert cmd[cmd.index("-L") + 1] == "/usr/lib/criu"
     assert "--external" not in cmd
