@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import subprocess
 import sys
 import time
@@ -47,14 +46,8 @@ def kept_sections(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     by_title = {title: key for key, (title, _) in SECTIONS.items()}
-    text = path.read_text()
-    # Files from before sections carried their own date name it once, in the header.
-    header = re.search(r"^- Date: (.+?); commit (\S+)$", text, re.M)
-    if header:
-        text = re.sub(r"^(`python benchmarks/\S+`) \((.+), (exit \d+)\)$",
-                      rf"\1: {header[1]}, commit {header[2]}, \2, \3", text, flags=re.M)
     sections, key, lines = {}, None, []
-    for line in text.splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("## "):
             if key:
                 sections[key] = "\n".join(lines).strip() + "\n"

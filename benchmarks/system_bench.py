@@ -94,7 +94,8 @@ def seconds(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def measure(unit: Unit, runs: int, watchdog_sec: float, label: str) -> list[str]:
+def measure(unit: Unit, runs: int, watchdog_sec: float, label: str) -> str:
+    """One table row: `runs` starts, then `runs` hangs."""
     starts = [unit.start() for _ in range(runs)]
     print(f"{label}: starts {starts}", file=sys.stderr)
     hangs = []
@@ -103,8 +104,8 @@ def measure(unit: Unit, runs: int, watchdog_sec: float, label: str) -> list[str]
         print(f"{label}: hang {hangs[-1]}", file=sys.stderr)
     detect, restart, ready = (list(col) for col in zip(*hangs, strict=True))
     total = [sum(h) for h in hangs]
-    return [f"| {label} | {seconds(starts)} | {seconds(detect)} | {seconds(restart)} | "
-            f"{seconds(ready)} | {seconds(total)} |"]
+    return (f"| {label} | {seconds(starts)} | {seconds(detect)} | {seconds(restart)} | "
+            f"{seconds(ready)} | {seconds(total)} |")
 
 
 def main() -> None:
@@ -144,7 +145,7 @@ def main() -> None:
                       f"{tiny_instance_config(base_port, metrics_port)}\nEOF")
             guest.run("systemctl daemon-reload")
             unit = Unit(guest)
-            rows += measure(unit, opts.runs, opts.watchdog_sec, "cold start")
+            rows.append(measure(unit, opts.runs, opts.watchdog_sec, "cold start"))
             if checkpoint:
                 guest.run(f"systemctl stop {UNIT}", timeout=300)
                 shutil.copy(ROOT / "systemd" / "checkpoint.conf.example",
@@ -154,7 +155,8 @@ def main() -> None:
                 config = tiny_instance_config(base_port, metrics_port, checkpoint=criu)
                 guest.run(f"cat > /etc/dynamo-vllm/tiny.toml <<'EOF'\n{config}\nEOF")
                 first = unit.start()  # cold start, dump, restore
-                rows += measure(unit, opts.runs, opts.watchdog_sec, "restored from a checkpoint")
+                rows.append(measure(unit, opts.runs, opts.watchdog_sec,
+                                    "restored from a checkpoint"))
         finally:
             journal = guest.run(f"journalctl --no-pager -o short-monotonic -u {UNIT}",
                                 check=False).stdout

@@ -43,6 +43,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
     raise TimeoutError(f"{what} not reached within {timeout:g} s")
 
 
+@contextlib.contextmanager
+def child_holding(setup: str) -> Iterator[int]:
+    """A Python child that runs `setup` (open or map files), then idles; yields its pid once
+    the setup is done, and kills it after."""
+    child = subprocess.Popen([sys.executable, "-c", f"import time\n{setup}\n"
+                              "print('ready', flush=True); time.sleep(60)\n"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait(10)
+
+
 def engine_config(model: Path, port: int, **sections: dict[str, Any]) -> dict[str, Any]:
     """A config for the tiny model on the CPU engine, small enough for two at once."""
     config: dict[str, Any] = {

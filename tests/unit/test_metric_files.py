@@ -11,6 +11,7 @@ from pathlib import Path
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dynamo_vllm.supervisor.metric_files import held_deleted, restore_directory
+from tests.support import child_holding
 
 CHILD = """
 import os, sys
@@ -63,20 +64,13 @@ def test_files_of_other_directories_and_live_files_are_left_alone(tmp_path: Path
     mine, other = tmp_path / "mine", tmp_path / "other"
     mine.mkdir()
     other.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        f"a = open({str(other / 'x.db')!r}, 'w'); b = open({str(mine / 'live.db')!r}, 'w')\n"
-        f"c = open({str(mine / 'sub.txt')!r}, 'w')\n"
-        "print('open', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "open"
+    with child_holding(f"a = open({str(other / 'x.db')!r}, 'w'); "
+                       f"b = open({str(mine / 'live.db')!r}, 'w'); "
+                       f"c = open({str(mine / 'sub.txt')!r}, 'w')") as pid:
         (other / "x.db").unlink()
         (mine / "sub.txt").unlink()
-        assert held_deleted([child.pid], mine) == {}
+        assert held_deleted([pid], mine) == {}
         assert held_deleted([999_999_999], mine) == {}
-    finally:
-        child.kill()
-        child.wait(10)
 
 
 def test_files_a_restore_brought_back_removed_are_found_by_their_name(tmp_path: Path) -> None:
@@ -85,15 +79,7 @@ def test_files_a_restore_brought_back_removed_are_found_by_their_name(tmp_path: 
     directory = tmp_path / "worker0"
     directory.mkdir()
     ghost = directory / "counter_77.db.cr.1a.ghost"
-    child = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        f"f = open({str(ghost)!r}, 'w')\n"
-        "print('open', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "open"
+    with child_holding(f"f = open({str(ghost)!r}, 'w')") as pid:
         ghost.unlink()
-        held = held_deleted([child.pid], directory)
+        held = held_deleted([pid], directory)
         assert list(held) == ["counter_77.db"]
-    finally:
-        child.kill()
-        child.wait(10)

@@ -3,12 +3,11 @@ nothing outside /dev/shm is ever touched."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 from dynamo_vllm.supervisor.shm import SHM, remove, shm_files, tree_pids
+from tests.support import child_holding
 
 
 def test_a_trees_shared_memory_is_found_and_removed(tmp_path: Path) -> None:
@@ -17,17 +16,10 @@ def test_a_trees_shared_memory_is_found_and_removed(tmp_path: Path) -> None:
     outside = tmp_path / "not-shm"
     outside.write_text("keep me")
     # A child that maps the file, as vLLM's engine processes map their queues.
-    child = subprocess.Popen([sys.executable, "-c", (
-        "import mmap, sys, time\n"
-        f"f = open({str(name)!r}, 'r+b'); m = mmap.mmap(f.fileno(), 4096)\n"
-        "print('mapped', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "mapped"
-        found = shm_files(tree_pids(child.pid))
+    with child_holding(f"import mmap; f = open({str(name)!r}, 'r+b'); "
+                       "m = mmap.mmap(f.fileno(), 4096)") as pid:
+        found = shm_files(tree_pids(pid))
         assert str(name) in found
-    finally:
-        child.kill()
-        child.wait(10)
     assert remove(found | {str(outside), "/etc/hostname"}) >= 1
     assert not name.exists()
     assert outside.read_text() == "keep me" and Path("/etc/hostname").exists()
