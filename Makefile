@@ -15,7 +15,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-deps criu demo test lint typecheck unit integration bench soak wheel deb engine-deb clean
+.PHONY: linked-tree setup system-deps criu demo test lint typecheck unit integration bench soak wheel deb engine-deb clean
 
 setup: $(STAMP) system-deps criu
 
@@ -44,17 +44,24 @@ $(DEMO_CONFIG): $(TINY_MODEL)/config.json
 demo: setup $(DEMO_CONFIG)
 	VLLM_HOST_IP=127.0.0.1 $(BIN)/dynamo-vllm run --config $(DEMO_CONFIG)
 
-lint: setup
-	$(BIN)/ruff check agent supervisor tests benchmarks grafana
+# The packages under dynamo_vllm, each a top-level folder (pyproject.toml, package-dir).
+PACKAGES := contract agent supervisor cli bench tools
 
-# agent/ and supervisor/ install as dynamo_vllm.agent and dynamo_vllm.supervisor; mypy
-# cannot follow setuptools' editable finder, so it reads them through a linked tree.
-typecheck: setup
-	mkdir -p build/typecheck/dynamo_vllm
-	ln -sfn ../../../agent build/typecheck/dynamo_vllm/agent
-	ln -sfn ../../../supervisor build/typecheck/dynamo_vllm/supervisor
+# The top-level folders install as dynamo_vllm.<folder>; mypy and import-linter cannot
+# follow setuptools' editable finder, so they read them through a linked tree.
+linked-tree:
+	@mkdir -p build/typecheck/dynamo_vllm
+	@for p in $(PACKAGES); do ln -sfn ../../../$$p build/typecheck/dynamo_vllm/$$p; done
+
+# ruff, and import-linter's contracts (.importlinter): the agent and the supervisor meet
+# only in dynamo_vllm.contract, and the supervisor never imports vLLM or torch.
+lint: setup linked-tree
+	$(BIN)/ruff check $(PACKAGES) tests benchmarks grafana
+	cd build/typecheck && PYTHONPATH=. ../../$(BIN)/lint-imports --no-cache ../../.importlinter
+
+typecheck: setup linked-tree
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml \
-		-p dynamo_vllm.agent -p dynamo_vllm.supervisor
+		$(foreach p,$(PACKAGES),-p dynamo_vllm.$(p))
 
 unit: setup
 	$(BIN)/pytest -q tests/unit
@@ -66,7 +73,7 @@ test: lint typecheck
 	$(BIN)/pytest -q -rs --durations=25
 
 bench: setup $(TINY_MODEL)/config.json
-	$(BIN)/python benchmarks/run_all.py --model $(TINY_MODEL)
+	$(BIN)/python -m benchmarks.run_all --model $(TINY_MODEL)
 
 # The long fault-injection soak (docs/reliability.md); CI runs the short one in `make test`.
 SOAK_DURATION ?= 1800

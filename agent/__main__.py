@@ -16,10 +16,15 @@ import sys
 import tempfile
 from typing import NoReturn
 
-from . import logs
-from .config import Config, ConfigError, load
-from .protocol import Env, ExitCode
-from .snapshot import SnapshotConfigError, SnapshotSettings, set_capture_env, settings_from_env
+from dynamo_vllm.agent.snapshot import (
+    SnapshotConfigError,
+    SnapshotSettings,
+    set_capture_env,
+    settings_from_env,
+)
+from dynamo_vllm.contract import logs
+from dynamo_vllm.contract.config import Config, ConfigError, load
+from dynamo_vllm.contract.protocol import Env, ExitCode
 
 log = logging.getLogger("dynamo_vllm.worker")
 
@@ -98,9 +103,14 @@ def _run_worker(config: Config, index: int, debug: bool, snapshot: SnapshotSetti
                 capture_env: dict[str, str | None]) -> int:
     # Imported only now: they import prometheus_client, and the metrics directory had to
     # be set first.
-    from .auth import TokenError
-    from .server import PortInUse
-    from .worker import EngineConfigError, EngineStartError, Worker, refused_engine_key
+    from dynamo_vllm.agent.server import PortInUse
+    from dynamo_vllm.agent.worker import (
+        EngineConfigError,
+        EngineStartError,
+        Worker,
+        refused_engine_key,
+    )
+    from dynamo_vllm.contract.gate import TokenError
 
     try:
         return int(asyncio.run(Worker(config, index, snapshot, capture_env).run()))

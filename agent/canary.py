@@ -16,11 +16,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .metrics import EngineGauges
-from .monitor import FailureHandler
-from .payload import HealthPayload
-from .protocol import CANARY_REQUEST_PREFIX, ExitCode, WorkerState
-from .status import WorkerStatus
+from dynamo_vllm.agent.metrics import EngineGauges
+from dynamo_vllm.agent.monitor import FailureHandler
+from dynamo_vllm.agent.status import WorkerStatus
+from dynamo_vllm.contract.payload import HealthPayload
+from dynamo_vllm.contract.protocol import CANARY_REQUEST_PREFIX, ExitCode, WorkerState
 
 log = logging.getLogger(__name__)
 

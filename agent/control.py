@@ -8,20 +8,17 @@ worker listens on (`workers.control_from_network = true` opts in). Every answer 
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from .auth import authorized
-from .lifecycle import SLEEP_LEVELS, WAKE_TAGS, Reply, SleepController, error, ok
-from .lora import AdapterRefused, LoraAdapters
-from .protocol import Route
+from dynamo_vllm.agent.lifecycle import SLEEP_LEVELS, WAKE_TAGS, Reply, SleepController, error, ok
+from dynamo_vllm.agent.lora import AdapterRefused, LoraAdapters
+from dynamo_vllm.contract.gate import BadRequest, parse_body, refusal
+from dynamo_vllm.contract.protocol import Route
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 64 * 1024
 ROUTES = {
     Route.ENGINE_SLEEP: "POST",
     Route.ENGINE_WAKE: "POST",
@@ -31,35 +28,6 @@ ROUTES = {
     Route.LOAD_LORA: "POST",
     Route.UNLOAD_LORA: "POST",
 }
-
-
-class BadRequest(Exception):
-    pass
-
-
-def is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return bool((mapped or address).is_loopback)
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
-    if body is None:
-        return {}
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
 
 
 def _only(body: dict[str, Any], allowed: set[str]) -> None:
@@ -101,12 +69,10 @@ class ControlRoutes:
                      authorization: str | None = None) -> Reply:
         if ROUTES[path] != method:
             return error(405, f"{path} takes {ROUTES[path]}")
-        if not self.allow_remote and not is_loopback(client):
-            return error(403, "control routes answer loopback clients only "
-                              "(workers.control_from_network)")
-        if method == "POST" and not authorized(authorization, self.token):
-            return error(401, "this route needs the bearer token of "
-                              "workers.control_token_file (Authorization: Bearer ...)")
+        refused = refusal(client, authorization, from_network=self.allow_remote,
+                          token=self.token, needs_token=method == "POST")
+        if refused is not None:
+            return error(*refused)
         if self.controller is None:
             return error(503, "the engine is not serving yet")
         try:

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any, NoReturn
 
-from .config import Config, engine_cli_args
+from dynamo_vllm.contract.config import Config, engine_cli_args
 
 log = logging.getLogger(__name__)
 

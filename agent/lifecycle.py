@@ -15,8 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .protocol import WorkerState
-from .status import WorkerStatus
+from dynamo_vllm.agent.status import WorkerStatus
+from dynamo_vllm.contract.protocol import WorkerState
 
 log = logging.getLogger(__name__)
 

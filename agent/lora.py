@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .lifecycle import Reply, error, ok
+from dynamo_vllm.agent.lifecycle import Reply, error, ok
 
 ADAPTER_CONFIG = "adapter_config.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from .protocol import Label, Metric, WorkerState
+from dynamo_vllm.contract.protocol import Label, Metric, WorkerState
 
 log = logging.getLogger(__name__)
 

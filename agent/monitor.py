@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .protocol import ExitCode
+from dynamo_vllm.contract.protocol import ExitCode
 
 log = logging.getLogger(__name__)
 

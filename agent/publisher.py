@@ -13,8 +13,8 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from .metrics import EngineGauges
-from .status import WorkerStatus
+from dynamo_vllm.agent.metrics import EngineGauges
+from dynamo_vllm.agent.status import WorkerStatus
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import uvicorn
 
-from .control import MAX_BODY, ROUTES, ControlRoutes
-from .lifecycle import error
-from .openapi import worker_document
-from .protocol import Route, WorkerState
-from .status import WorkerStatus
+from dynamo_vllm.agent.control import ROUTES, ControlRoutes
+from dynamo_vllm.agent.lifecycle import error
+from dynamo_vllm.agent.status import WorkerStatus
+from dynamo_vllm.contract.gate import MAX_BODY
+from dynamo_vllm.contract.openapi import worker_document
+from dynamo_vllm.contract.protocol import Route, WorkerState
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from .protocol import WorkerState
+from dynamo_vllm.contract.protocol import WorkerState
 
 log = logging.getLogger(__name__)
 

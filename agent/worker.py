@@ -18,30 +18,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .auth import load_token
-from .canary import Canary
-from .config import Config, apply_env
-from .control import ControlRoutes
-from .discovery import Discovery, EndpointRecord, NoDiscovery
-from .discovery.etcd import EtcdDiscovery, record_key
-from .discovery.etcd_gateway import EtcdGateway
-from .discovery.file import FileDiscovery
-from .engine import (
+from dynamo_vllm.agent.canary import Canary
+from dynamo_vllm.agent.control import ControlRoutes
+from dynamo_vllm.agent.engine import (
     EngineConfigError,
     engine_args_from,
     serve_args,
     start_engine,
     start_failure_reason,
 )
-from .lifecycle import SleepController
-from .lora import LoraAdapters
-from .metrics import EngineGauges, merge_labels
-from .monitor import EngineMonitor
-from .processes import descendants, kill_all, shutdown_engine
-from .protocol import Env, ExitCode, Label, WorkerState
-from .publisher import StatLoggerFactory
-from .server import WorkerApp, bind_socket, make_server
-from .snapshot import (
+from dynamo_vllm.agent.lifecycle import SleepController
+from dynamo_vllm.agent.lora import LoraAdapters
+from dynamo_vllm.agent.metrics import EngineGauges, merge_labels
+from dynamo_vllm.agent.monitor import EngineMonitor
+from dynamo_vllm.agent.processes import descendants, kill_all, shutdown_engine
+from dynamo_vllm.agent.publisher import StatLoggerFactory
+from dynamo_vllm.agent.server import WorkerApp, bind_socket, make_server
+from dynamo_vllm.agent.snapshot import (
     Answer,
     Outcome,
     SnapshotSettings,
@@ -50,7 +43,14 @@ from .snapshot import (
     undo_capture_env,
     wait_for_checkpointer,
 )
-from .status import WorkerStatus
+from dynamo_vllm.agent.status import WorkerStatus
+from dynamo_vllm.contract.config import Config, apply_env
+from dynamo_vllm.contract.discovery import Discovery, EndpointRecord, NoDiscovery
+from dynamo_vllm.contract.discovery.etcd import EtcdDiscovery, record_key
+from dynamo_vllm.contract.discovery.etcd_gateway import EtcdGateway
+from dynamo_vllm.contract.discovery.file import FileDiscovery
+from dynamo_vllm.contract.gate import load_token
+from dynamo_vllm.contract.protocol import Env, ExitCode, Label, WorkerState
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.worker_bench import machine  # noqa: E402
-from tests.support import (  # noqa: E402
+from tests.harness import (  # noqa: E402
     SupervisorProcess,
     engine_config,
     free_port,

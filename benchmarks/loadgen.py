@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from dynamo_vllm.supervisor.loadgen import Lengths, LoadResult, LoadSpec, quantile, run
+from dynamo_vllm.bench.loadgen import Lengths, LoadResult, LoadSpec, quantile, run
 
 __all__ = ["LoadResult", "median", "quantile", "run_load"]
 

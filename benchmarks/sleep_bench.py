@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.worker_bench import ENV, machine  # noqa: E402
-from tests.support import (  # noqa: E402
+from tests.harness import (  # noqa: E402
     WorkerProcess,
     engine_config,
     free_port,
@@ -38,7 +38,7 @@ from tests.support import (  # noqa: E402
     write_config,
 )
 
-STREAM_TOKENS = 500  # what tests.support.stream_completion asks for
+STREAM_TOKENS = 500  # what tests.harness.stream_completion asks for
 
 
 def timed_post(base: str, path: str, body: object) -> tuple[float, dict]:

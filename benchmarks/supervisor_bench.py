@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import quantile, run_load  # noqa: E402
 from benchmarks.worker_bench import ENV, machine  # noqa: E402
-from tests.support import (  # noqa: E402
+from tests.harness import (  # noqa: E402
     SupervisorProcess,
     engine_config,
     free_port,
@@ -46,7 +46,7 @@ def import_time(runs: int = 5) -> str:
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import dynamo_vllm.supervisor.cli, "
+        subprocess.run([sys.executable, "-c", "import dynamo_vllm.cli.main, "
                         "dynamo_vllm.supervisor.daemon"], check=True)
         times.append(time.perf_counter() - started)
     rss = subprocess.run([sys.executable, "-c", "import resource, dynamo_vllm.supervisor.daemon;"

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.worker_bench import machine  # noqa: E402
-from tests.support import free_port  # noqa: E402
+from tests.harness import free_port  # noqa: E402
 from tests.system.container import (  # noqa: E402
     CRIU_DIR,
     GUEST_MODEL,

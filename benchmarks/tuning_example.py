@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.worker_bench import ENV, machine  # noqa: E402
-from tests.support import WorkerProcess, engine_config, free_port, write_config  # noqa: E402
+from tests.harness import WorkerProcess, engine_config, free_port, write_config  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
             worker = WorkerProcess(path, port, tmp / f"seqs{n}.log", env=ENV)
             try:
                 worker.wait_serving(300)
-                args = [sys.executable, "-m", "dynamo_vllm.supervisor.cli", "bench", "--url",
+                args = [sys.executable, "-m", "dynamo_vllm.cli.main", "bench", "--url",
                         worker.base, "--sweep", opts.sweep, "-n", str(opts.requests),
                         "--warmup", "4", "--input-len", opts.input_len, "--output-len",
                         opts.output_len, "--sla", opts.sla, "--quiet"]

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadResult, median, run_load  # noqa: E402
-from tests.support import (  # noqa: E402
+from tests.harness import (  # noqa: E402
     WorkerProcess,
     engine_config,
     free_port,

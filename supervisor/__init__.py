@@ -1,1 +1,2 @@
-"""The dynamo-vllm supervisor: the systemd unit's main process (and the CLI)."""
+"""The dynamo-vllm supervisor: the systemd unit's main process. It never imports vLLM or torch,
+and of the agent only the contract (dynamo_vllm.contract)."""

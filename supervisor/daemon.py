@@ -20,28 +20,27 @@ from typing import Any
 import tomli_w
 from prometheus_client import CollectorRegistry
 
-from dynamo_vllm.agent import config as config_module
-from dynamo_vllm.agent.auth import TokenError, load_token
-from dynamo_vllm.agent.config import Config
-from dynamo_vllm.agent.discovery.etcd import (
+from dynamo_vllm.contract import config as config_module
+from dynamo_vllm.contract.config import Config, worker_view
+from dynamo_vllm.contract.discovery.etcd import (
     EtcdDiscovery,
     instance_prefix,
     list_records,
     list_target_groups,
     target_key,
 )
-from dynamo_vllm.agent.discovery.etcd_gateway import EtcdError, EtcdGateway
-from dynamo_vllm.agent.discovery.file import read_records
-from dynamo_vllm.agent.protocol import ExitCode, Route
-
-from . import http_client
-from .checkpoint_identity import gpu_names, worker_view
-from .chrek import CheckpointCoordinator
-from .criu import CheckpointError
-from .devices import assign, detect_gpus, split_cpus
-from .engine_install import engine_python
-from .http import StatusServer, Unavailable
-from .metrics import (
+from dynamo_vllm.contract.discovery.etcd_gateway import EtcdError, EtcdGateway
+from dynamo_vllm.contract.discovery.file import read_records
+from dynamo_vllm.contract.engine_venv import engine_python
+from dynamo_vllm.contract.gate import TokenError, load_token
+from dynamo_vllm.contract.protocol import ExitCode, Route
+from dynamo_vllm.supervisor import http_client
+from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
+from dynamo_vllm.supervisor.checkpoint.criu import CheckpointError
+from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
+from dynamo_vllm.supervisor.devices import assign, detect_gpus, split_cpus
+from dynamo_vllm.supervisor.http import StatusServer, Unavailable
+from dynamo_vllm.supervisor.metrics import (
     CheckpointMetrics,
     GpuCollector,
     GuardedCollectors,
@@ -49,9 +48,9 @@ from .metrics import (
     SupervisorMetrics,
     WorkerFilesCollector,
 )
-from .notify import Notifier
-from .restart_policy import NO_RESTART, RestartPolicy, restart_reason
-from .workers import HEALTH_STATES, Phase, WorkerHandle, WorkerSpec
+from dynamo_vllm.supervisor.notify import Notifier
+from dynamo_vllm.supervisor.restart_policy import NO_RESTART, RestartPolicy, restart_reason
+from dynamo_vllm.supervisor.workers import HEALTH_STATES, Phase, WorkerHandle, WorkerSpec
 
 log = logging.getLogger(__name__)
 

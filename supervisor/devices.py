@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from dynamo_vllm.agent.config_init import count_gpus
+import glob
+
+
+def count_gpus() -> int:
+    """NVIDIA GPUs the driver exposes (0 without a driver); no NVML import needed."""
+    return len(glob.glob("/proc/driver/nvidia/gpus/*"))
 
 
 def detect_gpus() -> list[int]:

@@ -19,15 +19,13 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dynamo_vllm.agent.auth import authorized
-from dynamo_vllm.agent.control import BadRequest, is_loopback, parse_body
-from dynamo_vllm.agent.openapi import supervisor_document
-from dynamo_vllm.agent.protocol import Route
+from dynamo_vllm.contract.gate import MAX_BODY, BadRequest, parse_body, refusal
+from dynamo_vllm.contract.openapi import supervisor_document
+from dynamo_vllm.contract.protocol import Route
 
 log = logging.getLogger(__name__)
 
 
-MAX_BODY = 64 * 1024
 # (route, JSON body) -> (status, answer): run by the supervisor on its loop.
 Control = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]
 
@@ -92,13 +90,10 @@ class StatusServer:
                     self._send_json(405, {"error": f"{path} only reads (GET); POST goes to "
                                                    f"{Route.CHECKPOINT} or {Route.RESTORE}"})
                     return
-                if not server.control_from_network and not is_loopback(self.client_address[0]):
-                    self._send_json(403, {"error": "state-changing routes answer loopback "
-                                                   "clients only (workers.control_from_network)"})
-                    return
-                if not authorized(self.headers.get("Authorization"), server.token):
-                    self._send_json(401, {"error": "this route needs the bearer token of "
-                                                   "workers.control_token_file"})
+                refused = refusal(self.client_address[0], self.headers.get("Authorization"),
+                                  from_network=server.control_from_network, token=server.token)
+                if refused is not None:
+                    self._send_json(refused[0], {"error": refused[1]})
                     return
                 try:
                     length = int(self.headers.get("Content-Length") or 0)

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from .shm import fd_targets
+from dynamo_vllm.supervisor.shm import fd_targets
 
 DELETED = " (deleted)"
 # A restored life holds them under CRIU's ghost-file name ("%s.cr.%x.ghost", unlinked): a

@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from dynamo_vllm.agent.protocol import Label
+from dynamo_vllm.contract.protocol import Label
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dynamo_vllm.agent.protocol import ExitCode
+from dynamo_vllm.contract.protocol import ExitCode
 
 # Exit codes after which restarting cannot help, or was not wanted.
 NO_RESTART = {ExitCode.CONFIG: "bad config", ExitCode.CHECKPOINTED: "checkpoint taken"}

@@ -19,16 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynamo_vllm.agent.config import Config
-from dynamo_vllm.agent.discovery.etcd import delete_record
-from dynamo_vllm.agent.discovery.etcd_gateway import EtcdError
-from dynamo_vllm.agent.discovery.file import record_path
-from dynamo_vllm.agent.protocol import Env
-
-from . import metric_files
-from . import shm as shared_memory
-from .notify import SYSTEMD_ENV
-from .restart_policy import RestartPolicy
+from dynamo_vllm.contract.config import Config
+from dynamo_vllm.contract.discovery.etcd import delete_record
+from dynamo_vllm.contract.discovery.etcd_gateway import EtcdError
+from dynamo_vllm.contract.discovery.file import record_path
+from dynamo_vllm.contract.protocol import Env
+from dynamo_vllm.supervisor import metric_files
+from dynamo_vllm.supervisor import shm as shared_memory
+from dynamo_vllm.supervisor.notify import SYSTEMD_ENV
+from dynamo_vllm.supervisor.restart_policy import RestartPolicy
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ CRIU = ROOT / ".criu" / "bin" / "criu"
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama and a LoRA adapter for it, built by the project's own command."""
     out = tmp_path_factory.mktemp("models")
-    subprocess.run([sys.executable, "-m", "dynamo_vllm.supervisor.cli", "tiny-model",
+    subprocess.run([sys.executable, "-m", "dynamo_vllm.cli.main", "tiny-model",
                     str(out / "tiny"), "--lora", str(out / "loras" / "tiny-lora")],
                    check=True, timeout=120, capture_output=True)
     return out

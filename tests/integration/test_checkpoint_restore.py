@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dynamo_vllm.agent.protocol import Env, ExitCode, Marker
-from tests.support import (
+from dynamo_vllm.contract.protocol import Env, ExitCode, Marker
+from tests.harness import (
     SupervisorProcess,
     WorkerProcess,
     engine_config,
@@ -118,7 +118,7 @@ def test_supervisor_checkpoints_and_restores(tiny_model: Path, tmp_path: Path, c
         checkpoint={"enabled": True, "store": str(small_store), "criu": str(criu),
                     "timeout": 120.0}))
     supervisor = SupervisorProcess(config, tmp_path, metrics_port)
-    cli = [sys.executable, "-m", "dynamo_vllm.supervisor.cli"]
+    cli = [sys.executable, "-m", "dynamo_vllm.cli.main"]
     base = f"http://127.0.0.1:{port}"
     try:
         # 1. The automatic checkpoint after the cold start fails on the full store.

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import (
+from tests.harness import (
     ROOT,
     SupervisorProcess,
     engine_config,

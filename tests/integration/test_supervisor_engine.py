@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dynamo_vllm.agent.protocol import ExitCode
-from tests.support import (
+from dynamo_vllm.contract.protocol import ExitCode
+from tests.harness import (
     EtcdServer,
     SupervisorProcess,
     engine_config,
@@ -141,7 +141,7 @@ def test_reload_rolls_workers_one_at_a_time(supervisor: SupervisorProcess) -> No
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     import sys
 
-    return subprocess.run([sys.executable, "-m", "dynamo_vllm.supervisor.cli", *args],
+    return subprocess.run([sys.executable, "-m", "dynamo_vllm.cli.main", *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.harness import SupervisorProcess, free_port, fuzz_openapi, wait_for, write_config
 from tests.integration.test_supervisor_scripted import fake_python, scripted_config
-from tests.support import SupervisorProcess, free_port, fuzz_openapi, wait_for, write_config
 
 
 @pytest.fixture(scope="module")

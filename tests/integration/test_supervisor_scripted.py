@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from dynamo_vllm.agent.protocol import ExitCode
-from tests.support import (
+from dynamo_vllm.contract.protocol import ExitCode
+from tests.harness import (
     EtcdServer,
     SupervisorProcess,
     b64,

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_vllm.agent.protocol import ExitCode
-from tests.support import engine_config, free_port, write_config
+from dynamo_vllm.contract.protocol import ExitCode
+from tests.harness import engine_config, free_port, write_config
 
 
 def run_worker(config_path: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dynamo_vllm.supervisor.cli", "worker", "--config",
+        [sys.executable, "-m", "dynamo_vllm.cli.main", "worker", "--config",
          str(config_path)],
         capture_output=True, text=True, timeout=timeout)
 

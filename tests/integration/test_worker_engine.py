@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from dynamo_vllm.agent.protocol import ExitCode, Metric
-from tests.support import (
+from dynamo_vllm.contract.protocol import ExitCode, Metric
+from tests.harness import (
     WorkerProcess,
     engine_config,
     free_port,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_vllm.agent.protocol import ExitCode
-from tests.support import WorkerProcess, engine_config, free_port, wait_for, write_config
+from dynamo_vllm.contract.protocol import ExitCode
+from tests.harness import WorkerProcess, engine_config, free_port, wait_for, write_config
 
 pytestmark = pytest.mark.engine
 

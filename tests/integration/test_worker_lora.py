@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import WorkerProcess, engine_config, free_port, write_config
+from tests.harness import WorkerProcess, engine_config, free_port, write_config
 
 pytestmark = pytest.mark.engine
 
@@ -114,7 +114,7 @@ def test_paths_outside_the_allowed_roots_are_refused(worker: WorkerProcess, tiny
 
 def test_an_adapter_the_engine_cannot_take_is_a_4xx(worker: WorkerProcess, tiny_model: Path,
                                                     tiny_lora: Path) -> None:
-    from dynamo_vllm.agent.tiny_model import build_lora
+    from dynamo_vllm.tools.tiny_model import build_lora
 
     too_big = build_lora(tiny_lora.parent / "rank16", tiny_model, rank=16)
     resp = post(worker, "/v1/load_lora_adapter", {"lora_name": "big", "lora_path": str(too_big)})

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import (
+from tests.harness import (
     WorkerProcess,
     engine_config,
     free_port,

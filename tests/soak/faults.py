@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from tests.support import b64, prefix_end
+from tests.harness import b64, prefix_end
 
 if TYPE_CHECKING:
     from tests.soak.harness import Soak

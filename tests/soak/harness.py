@@ -29,9 +29,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.soak.faults import BY_NAME, DEAD, FAULTS, GONE, HUNG, STOPPED, Fault
-from tests.soak.load import COMPLETED, FAILED, LOST, Load
-from tests.support import (
+from tests.harness import (
     EtcdServer,
     SupervisorProcess,
     engine_config,
@@ -39,6 +37,8 @@ from tests.support import (
     wait_for,
     write_config,
 )
+from tests.soak.faults import BY_NAME, DEAD, FAULTS, GONE, HUNG, STOPPED, Fault
+from tests.soak.load import COMPLETED, FAILED, LOST, Load
 
 # Two busy cores: the observer, the supervisor and the engines compete for them.
 SLACK_S = 3.0
@@ -239,7 +239,7 @@ class Soak:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command, rest = args[0], list(args[1:])
-        argv = [sys.executable, "-m", "dynamo_vllm.supervisor.cli", command,
+        argv = [sys.executable, "-m", "dynamo_vllm.cli.main", command,
                 str(self.config_path), *rest]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         if check and result.returncode != 0:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import tomli_w
 
-from tests.support import free_port, wait_for
+from tests.harness import free_port, wait_for
 from tests.system.container import (
     GUEST_MODEL,
     ROOT,

@@ -26,7 +26,7 @@ def test_the_wheel_carries_every_module(tmp_path: Path) -> None:
         for source in (ROOT / folder).rglob("*.py"):
             packaged = f"dynamo_vllm/{folder}/{source.relative_to(ROOT / folder).as_posix()}"
             assert packaged in names, f"{packaged} missing from {wheel.name}"
-    assert "dynamo_vllm/supervisor/cpu-constraints.txt" in names
+    assert "dynamo_vllm/tools/cpu-constraints.txt" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
 

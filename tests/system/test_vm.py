@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import free_port
+from tests.harness import free_port
 from tests.system.container import BUILD
 from tests.system.vm import VM
 

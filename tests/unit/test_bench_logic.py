@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from dynamo_vllm.supervisor import bench_report
-from dynamo_vllm.supervisor.loadgen import Lengths, LengthSpecError, quantile
+from dynamo_vllm.bench import report as bench_report
+from dynamo_vllm.bench.loadgen import Lengths, LengthSpecError, quantile
 
 
 def test_lengths() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_vllm.agent.config import from_dict
-from dynamo_vllm.supervisor.checkpoint_identity import checkpoint_hash, identity
-from dynamo_vllm.supervisor.checkpoint_store import Busy, CheckpointStore, StoreError
+from dynamo_vllm.contract.config import from_dict
+from dynamo_vllm.supervisor.checkpoint.identity import checkpoint_hash, identity
+from dynamo_vllm.supervisor.checkpoint.store import Busy, CheckpointStore, StoreError
 
 
 def take(store: CheckpointStore, name: str, created: float | None = None) -> None:

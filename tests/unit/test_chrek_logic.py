@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from dynamo_vllm.agent.config import from_dict
-from dynamo_vllm.agent.protocol import Env, Marker
-from dynamo_vllm.supervisor import chrek
-from dynamo_vllm.supervisor.chrek import CheckpointCoordinator
-from dynamo_vllm.supervisor.criu import CheckpointError, DumpResult
+from dynamo_vllm.contract.config import from_dict
+from dynamo_vllm.contract.protocol import Env, Marker
+from dynamo_vllm.supervisor.checkpoint import coordinator as chrek
+from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
+from dynamo_vllm.supervisor.checkpoint.criu import CheckpointError, DumpResult
 from dynamo_vllm.supervisor.metrics import CheckpointMetrics
 from dynamo_vllm.supervisor.restart_policy import RestartPolicy
 from dynamo_vllm.supervisor.workers import WorkerHandle, WorkerSpec

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from dynamo_vllm.supervisor.cli import main
+from dynamo_vllm.cli.main import main
 
 
 def model_dir(tmp_path: Path) -> Path:

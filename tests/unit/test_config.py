@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_vllm.agent import config as cfg
-from dynamo_vllm.agent.protocol import Env
+from dynamo_vllm.contract import config as cfg
+from dynamo_vllm.contract.protocol import Env
 
 
 def model_dir(tmp_path: Path) -> Path:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_vllm.agent.control import BadRequest, is_loopback, parse_body, sleep_level, wake_tags
-from dynamo_vllm.agent.discovery import EndpointRecord
-from dynamo_vllm.agent.discovery.file import FileDiscovery, read_records
+from dynamo_vllm.agent.control import sleep_level, wake_tags
+from dynamo_vllm.contract.discovery import EndpointRecord
+from dynamo_vllm.contract.discovery.file import FileDiscovery, read_records
+from dynamo_vllm.contract.gate import BadRequest, is_loopback, parse_body
 
 
 @pytest.mark.parametrize(("host", "loopback"), [

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from dynamo_vllm.agent.auth import TokenError, authorized, load_token
 from dynamo_vllm.agent.control import ControlRoutes
 from dynamo_vllm.agent.lora import LoraAdapters
+from dynamo_vllm.contract.gate import TokenError, authorized, load_token
 from dynamo_vllm.supervisor.http import StatusServer
 
 TOKEN = "s3cret-token-0123456789"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_vllm.supervisor import criu as criu_module
-from dynamo_vllm.supervisor.criu import (
+from dynamo_vllm.supervisor.checkpoint import criu as criu_module
+from dynamo_vllm.supervisor.checkpoint.criu import (
     CheckpointError,
     CriuCheckpointer,
     error_lines,
@@ -120,7 +120,7 @@ def test_a_restore_without_a_pid_is_a_failure(tmp_path: Path) -> None:
 # settings install), then asks the checkpointer whether dumps can work.
 UNDER_SECCOMP = """
 import ctypes, sys
-from dynamo_vllm.supervisor.criu import CriuCheckpointer, seccomp_mode
+from dynamo_vllm.supervisor.checkpoint.criu import CriuCheckpointer, seccomp_mode
 
 class Insn(ctypes.Structure):
     _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from dynamo_vllm.agent.discovery import EndpointRecord
-from dynamo_vllm.agent.discovery import etcd as backend
-from dynamo_vllm.agent.discovery.etcd_gateway import EtcdError
+from dynamo_vllm.contract.discovery import EndpointRecord
+from dynamo_vllm.contract.discovery import etcd as backend
+from dynamo_vllm.contract.discovery.etcd_gateway import EtcdError
 
 
 class ScriptedGateway:

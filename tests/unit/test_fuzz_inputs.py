@@ -13,9 +13,11 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynamo_vllm.agent import config as cfg
 from dynamo_vllm.agent import snapshot
-from dynamo_vllm.agent.snapshot import MarkerError
+from dynamo_vllm.contract import config as cfg
+from dynamo_vllm.contract import markers
+from dynamo_vllm.contract.markers import MarkerError
+from dynamo_vllm.contract.protocol import Marker
 
 SECTION_KEYS = {name: [f.name for f in cfg.fields(cls)] for name, cls in cfg.SECTIONS.items()}
 
@@ -101,8 +103,8 @@ def test_toml_round_trip(tmp_path_factory: Any, doc: dict[str, Any]) -> None:
                  st.builds(lambda pid, h: json.dumps({"pid": pid, "hash": h}).encode(),
                            scalars, scalars)))
 def test_markers_and_contexts_never_raise_anything_else(raw: bytes) -> None:
-    for parse in (snapshot.parse_ready,
-                  lambda b: snapshot.parse_restore_context(b, snapshot.ALLOWED_ENV)):
+    for parse in (markers.parse_ready,
+                  lambda b: markers.parse_restore_context(b, snapshot.ALLOWED_ENV)):
         with contextlib.suppress(MarkerError):
             parse(raw)
 
@@ -122,7 +124,7 @@ def test_marker_files_on_disk_are_read_or_refused(tmp_path: Path, kind: str, con
     control = Path(tempfile.mkdtemp(dir=tmp_path))
     outside = control.parent / f"{control.name}.secret"
     outside.write_bytes(b"outside")
-    path = control / snapshot.Marker.RESTORE_CONTEXT
+    path = control / Marker.RESTORE_CONTEXT
     if kind == "symlink":
         path.symlink_to(outside)
     elif kind == "fifo":
@@ -130,12 +132,12 @@ def test_marker_files_on_disk_are_read_or_refused(tmp_path: Path, kind: str, con
     elif kind == "directory":
         path.mkdir()
     else:
-        path.write_bytes(content if kind == "file" else b"{" * (snapshot.Marker.MAX_BYTES + 1))
+        path.write_bytes(content if kind == "file" else b"{" * (Marker.MAX_BYTES + 1))
         path.chmod(mode)
     try:
-        raw = snapshot.read_marker(control, snapshot.Marker.RESTORE_CONTEXT)
+        raw = markers.read_marker(control, Marker.RESTORE_CONTEXT)
     except MarkerError:
         return
     assert kind == "file" and raw == content and not mode & 0o022
     with contextlib.suppress(MarkerError):
-        snapshot.parse_restore_context(raw or b"", snapshot.ALLOWED_ENV)
+        markers.parse_restore_context(raw or b"", snapshot.ALLOWED_ENV)

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from dynamo_vllm.agent.protocol import Metric
+from dynamo_vllm.contract.protocol import Metric
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "grafana"

@@ -7,9 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
-from dynamo_vllm.agent.protocol import Marker
 from dynamo_vllm.agent.snapshot import write_marker
-from dynamo_vllm.supervisor.markers import MarkerWatcher
+from dynamo_vllm.contract.protocol import Marker
+from dynamo_vllm.supervisor.checkpoint.watcher import MarkerWatcher
 
 
 async def _collect(root: Path, actions: list, settle: float = 0.5) -> list[tuple[str, str]]:

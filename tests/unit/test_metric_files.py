@@ -11,7 +11,7 @@ from pathlib import Path
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dynamo_vllm.supervisor.metric_files import held_deleted, restore_directory
-from tests.support import child_holding
+from tests.harness import child_holding
 
 CHILD = """
 import os, sys

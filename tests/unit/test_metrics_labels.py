@@ -4,7 +4,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from dynamo_vllm.agent.metrics import EngineGauges, merge_labels
-from dynamo_vllm.agent.protocol import WorkerState
+from dynamo_vllm.contract.protocol import WorkerState
 
 
 def test_user_labels_never_replace_automatic_ones() -> None:

@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry
 from dynamo_vllm.agent.canary import Canary
 from dynamo_vllm.agent.metrics import EngineGauges
 from dynamo_vllm.agent.monitor import EngineMonitor
-from dynamo_vllm.agent.payload import HealthPayload
-from dynamo_vllm.agent.protocol import ExitCode, WorkerState
 from dynamo_vllm.agent.status import WorkerStatus
+from dynamo_vllm.contract.payload import HealthPayload
+from dynamo_vllm.contract.protocol import ExitCode, WorkerState
 
 
 class DeadError(Exception):

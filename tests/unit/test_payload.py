@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from dynamo_vllm.agent.payload import (
+from dynamo_vllm.contract.payload import (
     DEFAULT_BOS_TOKEN_ID,
     HealthPayload,
     PayloadError,

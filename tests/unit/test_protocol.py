@@ -4,7 +4,7 @@ import ast
 import subprocess
 import sys
 
-from dynamo_vllm.agent.protocol import ExitCode
+from dynamo_vllm.contract.protocol import ExitCode
 
 
 def test_exit_codes_are_distinct_and_described() -> None:
@@ -24,7 +24,7 @@ def imported_after(modules: str, suspects: tuple[str, ...]) -> list[str]:
 
 
 def test_the_supervisor_never_imports_the_engine() -> None:
-    supervisor = ("dynamo_vllm.supervisor.cli, dynamo_vllm.supervisor.daemon, "
+    supervisor = ("dynamo_vllm.cli.main, dynamo_vllm.supervisor.daemon, "
                   "dynamo_vllm.supervisor.metrics, dynamo_vllm.supervisor.http")
     assert imported_after(supervisor, ("vllm", "torch", "transformers")) == []
 
@@ -32,5 +32,5 @@ def test_the_supervisor_never_imports_the_engine() -> None:
 def test_the_cli_imports_no_metrics_library() -> None:
     # The worker command sets PROMETHEUS_MULTIPROC_DIR after the CLI module is imported;
     # prometheus_client must not be imported before that.
-    assert imported_after("dynamo_vllm.supervisor.cli, dynamo_vllm.agent.config",
+    assert imported_after("dynamo_vllm.cli.main, dynamo_vllm.contract.config",
                           ("vllm", "torch", "transformers", "prometheus_client")) == []

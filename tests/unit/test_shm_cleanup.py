@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from dynamo_vllm.supervisor.shm import SHM, remove, shm_files, tree_pids
-from tests.support import child_holding
+from tests.harness import child_holding
 
 
 def test_a_trees_shared_memory_is_found_and_removed(tmp_path: Path) -> None:

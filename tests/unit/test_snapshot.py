@@ -10,17 +10,16 @@ from pathlib import Path
 import pytest
 
 from dynamo_vllm.agent import snapshot
-from dynamo_vllm.agent.protocol import Env, Marker
-from dynamo_vllm.agent.snapshot import (
+from dynamo_vllm.agent.snapshot import Outcome, SnapshotConfigError, settings_from_env
+from dynamo_vllm.contract import markers
+from dynamo_vllm.contract.markers import (
     MarkerError,
-    Outcome,
-    SnapshotConfigError,
     hash_problem,
     parse_ready,
     parse_restore_context,
     read_marker,
-    settings_from_env,
 )
+from dynamo_vllm.contract.protocol import Env, Marker
 
 
 @pytest.fixture
@@ -142,7 +141,7 @@ def test_restore_context() -> None:
 
 
 def test_the_document_a_checkpointer_writes_parses_back() -> None:
-    document = snapshot.restore_context_document({"B": "2", "A": None})
+    document = markers.restore_context_document({"B": "2", "A": None})
     assert document == b'{"env":{"A":null,"B":"2"}}'
     assert parse_restore_context(document, frozenset({"A", "B"}))[0] == {"A": None, "B": "2"}
 
@@ -193,7 +192,7 @@ def test_no_answer_means_serving_cold(control: Path) -> None:
 
 
 def test_the_ready_marker_is_written_complete(control: Path) -> None:
-    snapshot.write_marker(control, Marker.READY, b'{"pid": 1234, "hash": "h"}')
+    markers.write_marker(control, Marker.READY, b'{"pid": 1234, "hash": "h"}')
     assert parse_ready((control / Marker.READY).read_bytes())["pid"] == 1234
     assert oct((control / Marker.READY).stat().st_mode & 0o777) == "0o600"
     assert not list(control.glob(".*.tmp"))

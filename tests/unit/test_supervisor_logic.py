@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_vllm.agent.protocol import ExitCode
+from dynamo_vllm.contract.protocol import ExitCode
 from dynamo_vllm.supervisor.devices import GpuAssignmentError, assign, split_cpus
 from dynamo_vllm.supervisor.notify import Notifier, watchdog_usec
 from dynamo_vllm.supervisor.restart_policy import RestartPolicy, restart_reason

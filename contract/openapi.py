@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .protocol import Route
+from dynamo_vllm.contract.protocol import Route
 
 VERSION = "3.0.3"
 

@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynamo_vllm.agent.config import Config
-from dynamo_vllm.agent.protocol import Env, Marker, Route
-from dynamo_vllm.agent.snapshot import (
+from dynamo_vllm.contract.config import Config
+from dynamo_vllm.contract.markers import (
     MarkerError,
     parse_ready,
     read_marker,
@@ -41,14 +40,25 @@ from dynamo_vllm.agent.snapshot import (
     restore_context_document,
     write_marker,
 )
-
-from . import http_client
-from .checkpoint_identity import accelerator, checkpoint_hash, engine_version, identity
-from .checkpoint_store import Busy, CheckpointStore, StoreError, make_private, read_metadata
-from .criu import Checkpointer, CheckpointError, CriuCheckpointer
-from .markers import MarkerWatcher
-from .metrics import CheckpointMetrics
-from .workers import WorkerHandle, WorkerSpec
+from dynamo_vllm.contract.protocol import Env, Marker, Route
+from dynamo_vllm.supervisor import http_client
+from dynamo_vllm.supervisor.checkpoint.criu import Checkpointer, CheckpointError, CriuCheckpointer
+from dynamo_vllm.supervisor.checkpoint.identity import (
+    accelerator,
+    checkpoint_hash,
+    engine_version,
+    identity,
+)
+from dynamo_vllm.supervisor.checkpoint.store import (
+    Busy,
+    CheckpointStore,
+    StoreError,
+    make_private,
+    read_metadata,
+)
+from dynamo_vllm.supervisor.checkpoint.watcher import MarkerWatcher
+from dynamo_vllm.supervisor.metrics import CheckpointMetrics
+from dynamo_vllm.supervisor.workers import WorkerHandle, WorkerSpec
 
 log = logging.getLogger(__name__)
 

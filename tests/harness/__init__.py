@@ -21,9 +21,9 @@ import httpx
 import psutil
 import tomli_w
 
-from dynamo_vllm.agent.discovery.etcd_gateway import prefix_end
+from dynamo_vllm.contract.discovery.etcd_gateway import prefix_end
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -222,7 +222,7 @@ class SupervisorProcess(ProcessTree):
                  env: dict[str, str] | None = None):
         self.notify = NotifySocket(tmp / "notify.sock")
         super().__init__(
-            [sys.executable, "-m", "dynamo_vllm.supervisor.cli", "run", "--config",
+            [sys.executable, "-m", "dynamo_vllm.cli.main", "run", "--config",
              str(config_path), "--runtime-dir", str(tmp / "runtime")],
             tmp / "supervisor.log", {"NOTIFY_SOCKET": str(self.notify.path), **(env or {})})
         self.base = f"http://127.0.0.1:{metrics_port}"

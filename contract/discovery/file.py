@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import EndpointRecord
+from dynamo_vllm.contract.discovery import EndpointRecord
 
 
 def record_path(directory: Path, instance: str, worker: int) -> Path:

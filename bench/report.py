@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .loadgen import LoadResult
+from dynamo_vllm.bench.loadgen import LoadResult
 
 QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 SLA_KEYS = tuple(f"{m}_{q}" for m in ("ttft", "itl", "e2e") for q, _ in QUANTILES)

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynamo_vllm.agent.snapshot import hash_problem
-
-from .runtime_dir import RuntimeDirError, ensure_private_dir
+from dynamo_vllm.contract.markers import hash_problem
+from dynamo_vllm.supervisor.runtime_dir import RuntimeDirError, ensure_private_dir
 
 METADATA = "metadata.json"
 TMP = "tmp"

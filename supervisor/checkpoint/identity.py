@@ -23,29 +23,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dynamo_vllm.agent.config import Config
+from dynamo_vllm.contract.config import Config, worker_view
 
 CONTENT_LIMIT = 1 << 20
 HASH_CHARS = 32
-
-
-def worker_view(config: Config) -> dict[str, Any]:
-    """The parts of a config a running worker depends on: a change means a restart (and a
-    new checkpoint hash)."""
-    data = config.to_dict()
-    for key in ("restart_backoff", "restart_backoff_max", "crash_loop_restarts",
-                "crash_loop_window", "start_timeout", "stop_timeout", "count", "min_ready"):
-        data["workers"].pop(key, None)
-    for key in ("poll_interval", "poll_timeout", "poll_failures"):
-        data["health"].pop(key, None)
-    for key in ("port", "host"):
-        data["metrics"].pop(key, None)
-    # The checkpoint section is the supervisor's, except what the worker itself reads.
-    data["checkpoint"] = {key: data["checkpoint"].get(key)
-                          for key in ("enabled", "timeout", "sleep_level", "env_allow")}
-    data.pop("watchdog", None)
-    data.pop("logging", None)
-    return data
 
 
 def model_digest(path: Path) -> str:

@@ -23,7 +23,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from dynamo_vllm.agent.protocol import Marker
+from dynamo_vllm.contract.protocol import Marker
 
 log = logging.getLogger(__name__)
 

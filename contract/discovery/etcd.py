@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import Publishable
-from .etcd_gateway import EtcdError, EtcdGateway
+from dynamo_vllm.contract.discovery import Publishable
+from dynamo_vllm.contract.discovery.etcd_gateway import EtcdError, EtcdGateway
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from dynamo_vllm.contract.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .shm import SHM, shm_files, tree_pids
+from dynamo_vllm.supervisor.shm import SHM, shm_files, tree_pids
 
 # Deleted files still open (multiprocessing's semaphores in /dev/shm) are kept in the image
 # up to this size each.

@@ -1,0 +1,3 @@
+from dynamo_vllm.cli.main import main
+
+main()

@@ -1,0 +1,108 @@
+"""The gate in front of every state-changing route, the worker's and the supervisor's: who
+may call (loopback unless `workers.control_from_network`), with what credential (the bearer
+token of `workers.control_token_file`), and how much of a body is read.
+
+Loopback-only is the default protection; an operator who exposes the control routes
+should also set a token. The token file must be private (no group or other permission
+bits), as systemd's LoadCredential= leaves it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import stat
+from typing import Any
+
+MAX_TOKEN_BYTES = 4096
+# The largest request body a control route reads.
+MAX_BODY = 64 * 1024
+
+
+class TokenError(Exception):
+    pass
+
+
+def load_token(path: str) -> str:
+    """The token in `path` (surrounding whitespace removed); TokenError says what is wrong."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise TokenError(f"cannot read {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise TokenError(f"{path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise TokenError(f"{path} is readable or writable by group or others "
+                             f"(mode {info.st_mode & 0o777:o}); chmod 600 it")
+        raw = f.read(MAX_TOKEN_BYTES + 1)
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise TokenError(f"{path} is larger than {MAX_TOKEN_BYTES} bytes")
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise TokenError(f"{path}: the token must be printable ASCII") from None
+    if len(token) < 16 or not token.isprintable() or " " in token:
+        raise TokenError(f"{path}: the token must be at least 16 printable characters "
+                         "without spaces")
+    return token
+
+
+def authorized(header: str | None, token: str | None) -> bool:
+    """True when no token is required, or `header` is `Bearer <token>` (constant time)."""
+    if not token:
+        return True
+    if not header:
+        return False
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              token.encode())
+
+
+def header_for(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class BadRequest(Exception):
+    """A request body or query that cannot be honoured: a 400 with this message."""
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
+
+
+def refusal(client: str | None, authorization: str | None, *, from_network: bool,
+            token: str | None, needs_token: bool = True) -> tuple[int, str] | None:
+    """(status, message) when the gate refuses this caller, None when it may go on."""
+    if not from_network and not is_loopback(client):
+        return 403, ("control routes answer loopback clients only "
+                     "(workers.control_from_network)")
+    if needs_token and not authorized(authorization, token):
+        return 401, ("this route needs the bearer token of workers.control_token_file "
+                     "(Authorization: Bearer ...)")
+    return None
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A JSON object body (empty or `null`: {}); BadRequest says what is wrong."""
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body

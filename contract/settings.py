@@ -1,0 +1,322 @@
+"""The settings of an instance config: one dataclass per TOML table, each setting with its
+default, its documentation, its check and the process that reads it (its scope).
+
+`config init` writes its commented file from these; `config check` reports every problem
+with its key; the worker's view of a config (`config.worker_view`) is derived from scopes.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from dynamo_vllm.contract.protocol import Label
+
+Check = Callable[[Any], str | None]
+
+
+class Scope(enum.Enum):
+    """Which process reads a setting; the worker's view of a config (what a change of it rolls
+    the workers for, and what the checkpoint hash covers) is every WORKER setting."""
+
+    WORKER = "worker"
+    """The worker reads it and its process depends on it (the supervisor may read it too)."""
+    SUPERVISOR = "supervisor"
+    """Only the supervisor reads it: a change never restarts a worker."""
+    EVERYWHERE = "everywhere"
+    """Both read it at start, and neither needs a restart for it (the log level)."""
+
+
+def _setting(default: Any, doc: str, check: Check | None = None,
+             scope: Scope = Scope.WORKER) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check, "scope": scope})
+
+
+def scope_of(section: type, key: str) -> Scope:
+    for f in fields(section):
+        if f.name == key:
+            return f.metadata.get("scope", Scope.WORKER)
+    raise KeyError(f"{section.__name__} has no setting {key!r}")
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be ≥ 0 (0 disables)"
+
+
+def _port(value: Any) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port from 1 to 65535"
+
+
+def _gpu_list(value: Any) -> str | None:
+    if len(set(value)) != len(value):
+        return "lists a GPU twice"
+    return None
+
+
+def _log_level(value: Any) -> str | None:
+    levels = ("debug", "info", "warning", "error")
+    return None if value in levels else f"must be one of {', '.join(levels)}"
+
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def _labels(value: Any) -> str | None:
+    for name, label_value in value.items():
+        if not _LABEL_NAME.match(name) or name.startswith("__"):
+            return f"{name!r} is not a valid Prometheus label name"
+        if name in Label.RESERVED:
+            return f"{name!r} is reserved by Prometheus"
+        if not isinstance(label_value, str):
+            return f"{name}: label values must be strings"
+    return None
+
+
+def _absolute_or_empty(value: Any) -> str | None:
+    return None if not value or os.path.isabs(value) else f"{value!r} is not an absolute path"
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = _setting("", "Directory of the model (config.json, weights, tokenizer).")
+    served_name: str = _setting("", "Name clients use in requests; default: the directory name.")
+
+
+@dataclass(frozen=True)
+class WorkersSection:
+    count: int = _setting(1, "Worker processes (data-parallel replicas), one vLLM engine each.",
+                          _positive,
+                 scope=Scope.SUPERVISOR)
+    host: str = _setting("127.0.0.1", "Address the workers' HTTP APIs bind to "
+                                      "(loopback: local only).")
+    base_port: int = _setting(8100, "Worker i listens on base_port + i.", _port)
+    gpus_per_worker: int = _setting(0, "GPUs given to each worker (0: the CPU engine).",
+                                    _non_negative)
+    min_ready: int = _setting(0, "Workers that must serve for the instance to be ready "
+                                 "(0: all of them).", _non_negative,
+                 scope=Scope.SUPERVISOR)
+    drain_timeout: float = _setting(30.0, "Seconds a stopping worker lets requests in flight "
+                                          "finish before it stops the engine.", _non_negative)
+    control_from_network: bool = _setting(False, "Let clients that are not on loopback call "
+                                                 "the control routes (/engine/sleep...).")
+    control_token_file: str = _setting("", "File holding a bearer token that every "
+                                           "state-changing route requires (Authorization: "
+                                           "Bearer ...), the supervisor's included; mode 600.",
+                                       _absolute_or_empty)
+    stop_timeout: float = _setting(90.0, "Seconds the supervisor waits for a stopping worker "
+                                         "before it kills its process group.", _positive,
+                 scope=Scope.SUPERVISOR)
+    start_timeout: float = _setting(900.0, "Seconds a worker may take to serve before it "
+                                           "counts as failed to start.", _positive,
+                 scope=Scope.SUPERVISOR)
+    python: str = _setting("", "Interpreter for the workers; default: the engine venv's "
+                               "(dynamo-vllm engine install) if there is one, else the "
+                               "supervisor's own.")
+    gpus: list[int] = _setting(None, "GPU indices to share out (default: every GPU found).",
+                               _gpu_list)
+    restart_backoff: float = _setting(1.0, "First delay before restarting a failed worker; "
+                                           "doubles on each failure, with jitter.", _positive,
+                 scope=Scope.SUPERVISOR)
+    restart_backoff_max: float = _setting(60.0, "Longest delay between restarts.", _positive,
+                 scope=Scope.SUPERVISOR)
+    crash_loop_restarts: int = _setting(5, "Restarts within crash_loop_window after which a "
+                                           "worker is given up.", _positive,
+                 scope=Scope.SUPERVISOR)
+    crash_loop_window: float = _setting(300.0, "Seconds over which restarts are counted.",
+                                        _positive,
+                 scope=Scope.SUPERVISOR)
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    interval: float = _setting(2.0, "Seconds between engine health checks (0 disables).",
+                               _non_negative)
+    check_timeout: float = _setting(30.0, "Seconds one health check may take (0: no limit).",
+                                    _non_negative)
+    shutdown_timeout: float = _setting(60.0, "Seconds a dead engine's shutdown may take before "
+                                             "its processes are killed (0: no limit).",
+                                       _non_negative)
+    canary: bool = _setting(True, "Send a one-token request when the engine has been idle, to "
+                                  "find a hung engine.")
+    canary_idle: float = _setting(10.0, "Seconds without engine progress before a canary is sent.",
+                                  _positive)
+    canary_timeout: float = _setting(3.0, "Seconds a canary may take before it counts as failed.",
+                                     _positive)
+    canary_failures: int = _setting(3, "Consecutive canary failures that make the worker "
+                                       "unhealthy.", _positive)
+    payload: dict[str, Any] = _setting(None, "Canary request: {prompt = \"...\"} or "
+                                             "{token_ids = [...]}; default: the BOS token.")
+    poll_interval: float = _setting(2.0, "Seconds between the supervisor's polls of each "
+                                         "worker's /health.", _positive,
+                 scope=Scope.SUPERVISOR)
+    poll_timeout: float = _setting(5.0, "Seconds a /health poll may take.", _positive,
+                 scope=Scope.SUPERVISOR)
+    poll_failures: int = _setting(3, "Polls in a row without an answer after which a worker "
+                                     "counts as hung and is killed.", _positive,
+                 scope=Scope.SUPERVISOR)
+
+
+@dataclass(frozen=True)
+class WatchdogSection:
+    unready_grace: float = _setting(120.0, "Seconds below min_ready serving workers (after the "
+                                           "first READY) before the supervisor stops sending "
+                                           "WATCHDOG=1, so systemd restarts the service.",
+                                    _positive,
+                 scope=Scope.SUPERVISOR)
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    host: str = _setting("127.0.0.1", "Address of the supervisor's /metrics and /status "
+                                      "(loopback: local only).",
+                 scope=Scope.SUPERVISOR)
+    port: int = _setting(9400, "Port of the supervisor's /metrics and /status.", _port,
+                 scope=Scope.SUPERVISOR)
+    namespace: str = _setting("dynamo", "Value of the dynamo_namespace label.")
+    component: str = _setting("backend", "Value of the dynamo_component label.")
+    endpoint: str = _setting("generate", "Value of the dynamo_endpoint label.")
+    labels: dict[str, str] = _setting(None, "Extra labels on every worker metric; they never "
+                                            "replace the automatic ones.", _labels)
+
+
+def _discovery_backend(value: Any) -> str | None:
+    return None if value in ("file", "etcd", "none") else 'must be "file", "etcd" or "none"'
+
+
+DEFAULT_ETCD_ENDPOINT = "http://127.0.0.1:2379"
+
+
+def etcd_endpoints_problem(value: Any) -> str | None:
+    for endpoint in value:
+        if not re.match(r"^https?://[^/\s]+/?$", endpoint):
+            return f"{endpoint!r} is not an http(s)://host:port URL"
+    return None if value else "must list at least one endpoint"
+
+
+def _lease_ttl(value: Any) -> str | None:
+    # etcd grants at least 2 s; below 3 a single late keepalive loses the lease.
+    return None if 3 <= value <= 3600 else "must be from 3 to 3600 seconds"
+
+
+def _sleep_inflight(value: Any) -> str | None:
+    return None if value in ("drain", "abort") else 'must be "drain" or "abort"'
+
+
+@dataclass(frozen=True)
+class DiscoverySection:
+    backend: str = _setting("file", "Where serving workers are published: \"file\" (one JSON "
+                                    "document per worker), \"etcd\" (keys under a lease) or "
+                                    "\"none\".", _discovery_backend)
+    path: str = _setting("", "Directory of the file backend's records (default: "
+                             "<runtime dir>/endpoints).")
+    etcd_endpoints: list[str] = _setting(None, "etcd client URLs (the v3 JSON gateway; "
+                                               "default http://127.0.0.1:2379); env "
+                                               "ETCD_ENDPOINTS overrides.", etcd_endpoints_problem)
+    etcd_prefix: str = _setting("/dynamo-vllm/v1/instances", "Key prefix of the etcd "
+                                "backend's records.")
+    lease_ttl: int = _setting(10, "Seconds a dead worker's etcd key outlives its last "
+                                  "keepalive.", _lease_ttl)
+
+    @property
+    def etcd_urls(self) -> list[str]:
+        return list(self.etcd_endpoints or [DEFAULT_ETCD_ENDPOINT])
+
+
+@dataclass(frozen=True)
+class SleepSection:
+    inflight: str = _setting("drain", "Requests in flight when a worker goes to sleep: "
+                                      "\"drain\" (finish within drain_timeout, then abort the "
+                                      "rest) or \"abort\" (abort at once, with an error).",
+                             _sleep_inflight)
+    drain_timeout: float = _setting(30.0, "Seconds requests in flight get before sleep aborts "
+                                          "them.", _non_negative)
+
+
+def _absolute_paths(value: Any) -> str | None:
+    for path in value:
+        if not os.path.isabs(path):
+            return f"{path!r} is not an absolute path"
+    return None
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    allowed_roots: list[str] = _setting(None, "Directories LoRA adapters may be loaded from at "
+                                              "run time (POST /v1/load_lora_adapter); empty: "
+                                              "loading at run time is off.", _absolute_paths)
+
+
+def _keep(value: Any) -> str | None:
+    return None if 1 <= value <= 100 else "must be from 1 to 100"
+
+
+def _sleep_level(value: Any) -> str | None:
+    return None if value in (0, 1, 2) else "must be 0, 1 or 2"
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_names(value: Any) -> str | None:
+    for name in value:
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            return f"{name!r} is not an environment variable name"
+    return None
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    enabled: bool = _setting(False, "Checkpoint/restore (CHREK): restore workers from a CRIU "
+                                    "checkpoint instead of a cold start.")
+    store: str = _setting("", "Directory of the checkpoints (default: $STATE_DIRECTORY/"
+                              "checkpoints under systemd, else <runtime dir>/checkpoints). "
+                              "Private to the service user.", _absolute_or_empty,
+                 scope=Scope.SUPERVISOR)
+    keep: int = _setting(2, "Complete checkpoints kept; older ones are removed.", _keep,
+                 scope=Scope.SUPERVISOR)
+    auto: bool = _setting(True, "Take a checkpoint after a cold start when none is stored for "
+                                "the worker's current hash.",
+                 scope=Scope.SUPERVISOR)
+    restore: bool = _setting(True, "Restore at start when a checkpoint for the current hash "
+                                   "is stored.",
+                 scope=Scope.SUPERVISOR)
+    criu: str = _setting("criu", "The CRIU binary (4.2 or newer on kernels from 6.16).",
+                 scope=Scope.SUPERVISOR)
+    criu_libdir: str = _setting("", "CRIU plugin directory (the CUDA plugin on GPUs); empty: "
+                                    "CRIU's default.", _absolute_or_empty,
+                 scope=Scope.SUPERVISOR)
+    timeout: float = _setting(600.0, "Seconds a dump or a restore may take; a worker waiting "
+                                     "for its checkpoint resumes serving after this long.",
+                              _positive)
+    sleep_level: int = _setting(1, "Sleep level before a dump (1: weights offloaded and KV "
+                                   "freed on GPUs; the CPU engine only pauses).", _sleep_level)
+    env_allow: list[str] = _setting(None, "Extra environment names a restored worker refreshes "
+                                          "from restore-context.json.", _env_names)
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str = _setting("info", "debug, info, warning or error.", _log_level,
+                 scope=Scope.EVERYWHERE)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "workers": WorkersSection,
+    "health": HealthSection,
+    "watchdog": WatchdogSection,
+    "metrics": MetricsSection,
+    "discovery": DiscoverySection,
+    "sleep": SleepSection,
+    "lora": LoraSection,
+    "checkpoint": CheckpointSection,
+    "logging": LoggingSection,
+}
