@@ -120,7 +120,11 @@ def _run_worker(config: Config, index: int, debug: bool, snapshot: SnapshotSetti
     except PortInUse as exc:
         return _config_error([f"workers.base_port: {exc}"])
     except EngineStartError as exc:
-        return _config_error([f"engine failed to start: {exc}"])
+        if exc.permanent:
+            return _config_error([f"engine failed to start: {exc}"])
+        log.error("worker %d: engine failed to start: %s (exit %d: the supervisor retries)",
+                  index, exc, ExitCode.START_FAILED)
+        return ExitCode.START_FAILED
     except TokenError as exc:
         return _config_error([f"workers.control_token_file: {exc}"])
     except Exception as exc:

@@ -71,8 +71,13 @@ def start_engine(engine_args: Any, stat_loggers: list[Any]) -> tuple[Any, float]
     return engine, time.monotonic() - started
 
 
+# A start failure that a restart cannot fix: the config must change (exit CONFIG, not retried).
+PERMANENT_START_FAILURE = "not enough memory for the KV cache"
+
+
 def start_failure_reason(exc: BaseException) -> str:
-    """One line for an engine that failed to start, with the known causes named."""
+    """One line for an engine that failed to start, with the known causes named (those a
+    restart cannot fix start with `PERMANENT_START_FAILURE`)."""
     text = _first_line(exc)
     chain = []
     current: BaseException | None = exc
@@ -81,7 +86,7 @@ def start_failure_reason(exc: BaseException) -> str:
         current = current.__cause__ or current.__context__
     whole = " ".join(chain)
     if "memory" in whole.lower() and ("kv cache" in whole.lower() or "Available memory" in whole):
-        return f"not enough memory for the KV cache: {text}"
+        return f"{PERMANENT_START_FAILURE}: {text}"
     return text
 
 

@@ -15,12 +15,12 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from dynamo_vllm.agent.canary import Canary
 from dynamo_vllm.agent.control import ControlRoutes
 from dynamo_vllm.agent.engine import (
+    PERMANENT_START_FAILURE,
     EngineConfigError,
     engine_args_from,
     serve_args,
@@ -45,10 +45,8 @@ from dynamo_vllm.agent.snapshot import (
 )
 from dynamo_vllm.agent.status import WorkerStatus
 from dynamo_vllm.contract.config import Config, apply_env
-from dynamo_vllm.contract.discovery import Discovery, EndpointRecord, NoDiscovery
-from dynamo_vllm.contract.discovery.etcd import EtcdDiscovery, record_key
-from dynamo_vllm.contract.discovery.etcd_gateway import EtcdGateway
-from dynamo_vllm.contract.discovery.file import FileDiscovery
+from dynamo_vllm.contract.discovery import Discovery, EndpointRecord
+from dynamo_vllm.contract.discovery.backends import Backend, backend_for
 from dynamo_vllm.contract.gate import load_token
 from dynamo_vllm.contract.protocol import Env, ExitCode, Label, WorkerState
 
@@ -59,7 +57,12 @@ HUNG_ENGINE_SHUTDOWN_S = 5.0
 
 
 class EngineStartError(Exception):
-    pass
+    """The engine did not start. `permanent`: a restart cannot fix it (the KV cache does not
+    fit): the worker exits CONFIG; otherwise START_FAILED, and the supervisor retries."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.permanent = reason.startswith(PERMANENT_START_FAILURE)
 
 
 class Worker:
@@ -92,18 +95,11 @@ class Worker:
             self.control.snapshot = self.request_snapshot
 
     def _discovery(self) -> Discovery:
-        settings = self.config.discovery
-        if settings.backend == "etcd":
-            return EtcdDiscovery(EtcdGateway(settings.etcd_urls),
-                                 record_key(self.config, self.instance, self.index),
-                                 settings.lease_ttl, on_error=self.gauges.discovery_error)
-        directory = settings.path or os.environ.get(Env.DISCOVERY_DIR, "")
-        if settings.backend == "none" or not directory:
-            if settings.backend != "none":
-                log.info("no discovery directory (discovery.path, or run by the supervisor): "
-                         "this worker is not published")
-            return NoDiscovery()
-        return FileDiscovery(Path(directory), self.instance, self.index)
+        backend = backend_for(self.config, self.instance, os.environ.get(Env.DISCOVERY_DIR))
+        if backend.name is Backend.NONE and self.config.discovery.backend != Backend.NONE:
+            log.info("no discovery directory (discovery.path, or run by the supervisor): "
+                     "this worker is not published")
+        return backend.publisher(self.index, on_error=self.gauges.discovery_error)
 
     def _record(self) -> EndpointRecord:
         return EndpointRecord(instance=self.instance, worker=self.index,

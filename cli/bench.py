@@ -89,8 +89,8 @@ def bench(target: str | None, urls: tuple[str, ...], model: str | None, concurre
     """
     import asyncio
 
-    from dynamo_vllm.bench.loadgen import Lengths, LengthSpecError, LoadSpec, run
     from dynamo_vllm.bench import report as bench_report
+    from dynamo_vllm.bench.loadgen import Lengths, LengthSpecError, LoadSpec, run
 
     try:
         lengths = Lengths.parse(input_len), Lengths.parse(output_len)

@@ -120,7 +120,7 @@ def checkpoints(target: str, store: Path | None, as_json: bool) -> None:
     `in progress` is one being written (under tmp/, removed at start if a crash left it).
     """
     from dynamo_vllm.supervisor.checkpoint.store import CheckpointStore
-    from dynamo_vllm.supervisor.daemon import duration
+    from dynamo_vllm.supervisor.report import duration
 
     cfg = load_or_exit(target, check_paths=False)
     current: dict[str, int] = {}

@@ -30,6 +30,11 @@ class ExitCode(enum.IntEnum):
     SERVICE_FAILED = 6
     """Supervisor only: it could not keep `min_ready` workers serving (every worker given
     up, or below min_ready past the grace period without a systemd watchdog)."""
+    START_FAILED = 7
+    """The engine failed to start for a reason a later try may not meet (a device busy, a
+    file not there yet, a crash while loading): restart with backoff; the crash-loop limit
+    bounds the tries. A start that cannot work (refused arguments, a KV cache that does not
+    fit) is CONFIG instead."""
     CONFIG = 78
     """The configuration is wrong (sysexits EX_CONFIG): restarting cannot help.
 
@@ -59,6 +64,7 @@ _EXIT_REASONS = {
     ExitCode.ENGINE_DEAD: "engine dead",
     ExitCode.UNHEALTHY: "engine hung (canary failed)",
     ExitCode.CHECKPOINTED: "checkpoint taken",
+    ExitCode.START_FAILED: "engine failed to start",
     ExitCode.SERVICE_FAILED: "service failed",
     ExitCode.CONFIG: "bad config",
 }

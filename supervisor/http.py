@@ -2,18 +2,21 @@
 /openapi.json, and the two routes that change state, POST /checkpoint and POST /restore.
 
 A `ThreadingHTTPServer` in a daemon thread, so a slow scrape never stalls the main loop
-(which must keep pinging the watchdog). The GET routes only read: a status snapshot the
-main loop replaces whole on every tick, and the metrics registry. The POST routes hand their
-work to the main loop and answer only loopback clients unless the operator opts in
-(`workers.control_from_network`). Loopback by default.
+(which must keep pinging the watchdog). This module is the transport only: /metrics,
+/status, /healthz and /openapi.json read the registry and a status snapshot the main loop
+replaces whole on every tick; every other route is a handler of `supervisor.handlers`,
+run on the main loop through `run_coroutine_threadsafe` (the one way into the loop). The
+POST routes pass the gate first (`contract.gate`: loopback unless
+`workers.control_from_network`, the bearer token). Loopback by default.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -22,32 +25,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from dynamo_vllm.contract.gate import MAX_BODY, BadRequest, parse_body, refusal
 from dynamo_vllm.contract.openapi import supervisor_document
 from dynamo_vllm.contract.protocol import Route
+from dynamo_vllm.supervisor.handlers import Routes, Unavailable
 
 log = logging.getLogger(__name__)
 
 
-# (route, JSON body) -> (status, answer): run by the supervisor on its loop.
-Control = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]
-
-
-class Unavailable(Exception):
-    """What a route needs (etcd) cannot be reached: 503, with the reason."""
+# How long a GET handler on the loop may take (etcd calls are bounded by less).
+READ_TIMEOUT_S = 10.0
 
 
 class StatusServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 snapshot: Callable[[], dict[str, Any]],
-                 endpoints: Callable[[], dict[str, Any]],
-                 scrape_targets: Callable[[bool], list[dict[str, Any]]] = lambda fleet: [],
-                 control: Control | None = None, control_from_network: bool = False,
-                 token: str | None = None):
+                 snapshot: Callable[[], dict[str, Any]], routes: Routes,
+                 loop: asyncio.AbstractEventLoop, control_timeout: float = 60.0,
+                 control_from_network: bool = False, token: str | None = None):
         self.registry = registry
         self.token = token
-        self.control = control
+        self.routes = routes
+        self.loop = loop
+        self.control_timeout = control_timeout
         self.control_from_network = control_from_network
         self.snapshot = snapshot
-        self.endpoints = endpoints
-        self.scrape_targets = scrape_targets
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,12 +59,14 @@ class StatusServer:
                     elif path == Route.STATUS:
                         self._send_json(200, server.snapshot())
                     elif path == Route.ENDPOINTS:
-                        self._send_json(200, server.endpoints())
+                        self._send_json(200, server.on_loop(server.routes.endpoints(),
+                                                            READ_TIMEOUT_S))
                     elif path == Route.SERVICE_DISCOVERY:
                         # Prometheus' HTTP service discovery format (http_sd_configs);
                         # ?scope=fleet: every supervisor that publishes in etcd.
                         fleet = "scope=fleet" in query.split("&")
-                        self._send_json(200, server.scrape_targets(fleet))
+                        self._send_json(200, server.on_loop(server.routes.scrape_targets(fleet),
+                                                            READ_TIMEOUT_S))
                     elif path == Route.OPENAPI:
                         self._send_json(200, supervisor_document())
                     elif path == Route.HEALTHZ:
@@ -80,13 +80,16 @@ class StatusServer:
                                                        "/openapi.json"})
                 except Unavailable as exc:
                     self._send_json(503, {"error": str(exc)})
+                except TimeoutError:
+                    self._send_json(503, {"error": "no answer from the supervisor's loop in "
+                                                   "time"})
                 except Exception as exc:
                     log.exception("error answering %s", path)
                     self._send_json(500, {"error": f"{type(exc).__name__}: {exc}"})
 
             def do_POST(self) -> None:
                 path = self.path.partition("?")[0]
-                if path not in (Route.CHECKPOINT, Route.RESTORE) or server.control is None:
+                if path not in (Route.CHECKPOINT, Route.RESTORE):
                     self._send_json(405, {"error": f"{path} only reads (GET); POST goes to "
                                                    f"{Route.CHECKPOINT} or {Route.RESTORE}"})
                     return
@@ -100,7 +103,8 @@ class StatusServer:
                     if not 0 <= length <= MAX_BODY:
                         raise BadRequest(f"the body must be at most {MAX_BODY} bytes")
                     body = parse_body(self.rfile.read(length))
-                    code, answer = server.control(path, body)
+                    code, answer = server.on_loop(server.routes.control(path, body),
+                                                  server.control_timeout)
                 except BadRequest as exc:
                     code, answer = 400, {"error": str(exc)}
                 except ValueError:
@@ -130,6 +134,15 @@ class StatusServer:
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="status-http",
                                        daemon=True)
+
+    def on_loop(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        """Run a handler on the supervisor's loop and wait for its answer (TimeoutError)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     @property
     def port(self) -> int:

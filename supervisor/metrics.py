@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from dynamo_vllm.contract.protocol import Label
+from dynamo_vllm.supervisor.checkpoint.results import RESTORE_COUNTED, CheckpointResult
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +232,8 @@ class SupervisorMetrics:
             self.restarts.labels(worker=worker, reason=reason)
 
 
-CHECKPOINT_RESULTS = ("taken", "failed", "skipped")
-RESTORE_RESULTS = ("restored", "cold_start")
+CHECKPOINT_RESULTS = tuple(r.value for r in CheckpointResult)
+RESTORE_RESULTS = tuple(r.value for r in RESTORE_COUNTED)
 
 
 class CheckpointMetrics:

@@ -9,27 +9,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dynamo_vllm.contract.protocol import ExitCode
+from dynamo_vllm.supervisor.phases import RestartReason
 
 # Exit codes after which restarting cannot help, or was not wanted.
 NO_RESTART = {ExitCode.CONFIG: "bad config", ExitCode.CHECKPOINTED: "checkpoint taken"}
 
 
-def restart_reason(exit_code: int | None, killed_for: str | None = None) -> str:
-    """The `reason` label of a restart: why the last life of a worker ended."""
+def restart_reason(exit_code: int | None,
+                   killed_for: RestartReason | None = None) -> RestartReason:
+    """Why the last life of a worker ended, as the `reason` label of its restart."""
     if killed_for:
         return killed_for
     if exit_code is None:
-        return "unknown"
+        return RestartReason.UNKNOWN
     if exit_code == ExitCode.ENGINE_DEAD:
-        return "engine_dead"
+        return RestartReason.ENGINE_DEAD
     if exit_code == ExitCode.UNHEALTHY:
-        return "engine_hung"
+        return RestartReason.ENGINE_HUNG
+    if exit_code == ExitCode.START_FAILED:
+        return RestartReason.START_FAILED
     if exit_code == ExitCode.STOPPED:
         # The supervisor did not ask: an exit that says "fine" is still a failure.
-        return "exited"
+        return RestartReason.EXITED
     if exit_code < 0:
-        return "killed"
-    return "crashed"
+        return RestartReason.KILLED
+    return RestartReason.CRASHED
 
 
 @dataclass

@@ -1,152 +1,43 @@
-"""A process handle that owns one worker: how it is spawned, signalled, reaped and cleaned.
+"""A process handle that owns one worker: its phase (an explicit state machine), how it is
+spawned, signalled, reaped and cleaned.
 
 Each worker runs in its own session and process group, so the whole tree (the worker, its
 EngineCore and vLLM Worker processes) can be killed at once; vLLM's EngineCore does not
 watch its parent, and a worker killed alone would leave it holding memory.
+
+Every change of phase goes through a method that checks the move against
+`phases.TRANSITIONS` and raises IllegalTransition otherwise; no other module assigns the
+handle's lifecycle fields.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from dynamo_vllm.contract.config import Config
-from dynamo_vllm.contract.discovery.etcd import delete_record
-from dynamo_vllm.contract.discovery.etcd_gateway import EtcdError
-from dynamo_vllm.contract.discovery.file import record_path
-from dynamo_vllm.contract.protocol import Env
+from dynamo_vllm.contract.discovery.backends import DiscoveryBackend, DiscoveryUnavailable
+from dynamo_vllm.contract.protocol import WorkerState
 from dynamo_vllm.supervisor import metric_files
 from dynamo_vllm.supervisor import shm as shared_memory
-from dynamo_vllm.supervisor.notify import SYSTEMD_ENV
+from dynamo_vllm.supervisor.phases import LIVE, Phase, RestartReason, check_transition
 from dynamo_vllm.supervisor.restart_policy import RestartPolicy
+from dynamo_vllm.supervisor.worker_process import RestoredProcess, WorkerProcess, WorkerSpec
 
 log = logging.getLogger(__name__)
 
-# vLLM's CPU backend: the cores a CPU engine's threads are bound to.
-CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-
-
-class Phase(enum.StrEnum):
-    """The supervisor's view of a worker; `serving` etc. come from the worker's /health."""
-
-    STARTING = "starting"
-    RESTORING = "restoring"
-    LOADING = "loading"
-    CHECKPOINT = "checkpoint"
-    SERVING = "serving"
-    SLEEPING = "sleeping"
-    DRAINING = "draining"
-    UNHEALTHY = "unhealthy"
-    DEAD = "dead"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-# /health states a worker reports, mapped to phases.
-HEALTH_STATES = {
-    "loading": Phase.LOADING,
-    "serving": Phase.SERVING,
-    "draining": Phase.DRAINING,
-    "sleeping": Phase.SLEEPING,
-    "unhealthy": Phase.UNHEALTHY,
-    "dead": Phase.DEAD,
-    "checkpoint": Phase.CHECKPOINT,
-}
-
-
-class RestoredProcess:
-    """A worker brought back by `criu restore --restore-detached`.
-
-    criu exits once the tree runs; the tree's root is then re-parented to the supervisor,
-    which is a child subreaper when checkpoints are on. So it is our child, and is reaped
-    here: a pidfd says when it exits, `waitpid` collects its status.
-    """
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.returncode: int | None = None
-        self._pidfd = os.pidfd_open(pid)
-        self._exited: asyncio.Future[int] | None = None
-
-    async def wait(self) -> int:
-        if self.returncode is not None:
-            return self.returncode
-        loop = asyncio.get_running_loop()
-        if self._exited is None:
-            self._exited = loop.create_future()
-            loop.add_reader(self._pidfd, self._reap)
-        return await asyncio.shield(self._exited)
-
-    def _reap(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        try:
-            _, status = os.waitpid(self.pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:
-            code = 1  # not our child after all: it is gone, its status unknown
-        self.returncode = code
-        if self._exited is not None and not self._exited.done():
-            self._exited.set_result(code)
-
-
-WorkerProcess = asyncio.subprocess.Process | RestoredProcess
-
-
-@dataclass
-class WorkerSpec:
-    index: int
-    host: str
-    port: int
-    gpus: list[int]
-    cpus: list[int]
-    metrics_dir: Path
-    python: str
-    config_path: Path
-    instance: str = ""
-    discovery_dir: Path | None = None
-    # Checkpoint/restore: the worker's control directory, and what its checkpoint is.
-    control_dir: Path | None = None
-    checkpoint_hash: str = ""
-    # Set by the checkpoint coordinator before each spawn.
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return str(self.index)
-
-    def command(self) -> list[str]:
-        return [self.python or sys.executable, "-m", "dynamo_vllm.agent",
-                "--config", str(self.config_path), "--index", str(self.index)]
-
-    def environment(self, base: dict[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in base.items() if k not in SYSTEMD_ENV}
-        env[Env.PROMETHEUS_MULTIPROC_DIR] = str(self.metrics_dir)
-        env[Env.SUPERVISOR_PID] = str(os.getpid())
-        if self.instance:
-            env[Env.INSTANCE] = self.instance
-        if self.discovery_dir is not None:
-            env[Env.DISCOVERY_DIR] = str(self.discovery_dir)
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
-        if self.cpus and CPU_BIND_ENV not in base:
-            env[CPU_BIND_ENV] = ",".join(str(c) for c in self.cpus)
-        for name, value in Env.ENGINE_DEFAULTS.items():
-            env.setdefault(name, value)
-        env.update(self.extra_env)
-        return env
+# What the worker says while it still loads or waits (counted against start_timeout).
+NOT_YET_SERVING = frozenset({WorkerState.LOADING, WorkerState.CHECKPOINT})
+# What a worker says when it is on its way out by itself (bounded by stop_timeout).
+ENDING = frozenset({WorkerState.DEAD, WorkerState.UNHEALTHY, WorkerState.DRAINING})
+# Every value of the `state` a worker is shown in (/status, the state metric).
+DISPLAY_STATES = tuple(dict.fromkeys(
+    [*(p.value for p in Phase if p is not Phase.RUNNING), *(s.value for s in WorkerState)]))
 
 
 @dataclass
@@ -155,6 +46,9 @@ class WorkerHandle:
     policy: RestartPolicy
     phase: Phase = Phase.STOPPED
     phase_since: float = 0.0
+    # What the worker said of itself on its last /health answer, this life (None: nothing).
+    reported: WorkerState | None = None
+    reported_since: float = 0.0
     proc: WorkerProcess | None = None
     pid: int | None = None
     started_at: float | None = None
@@ -162,6 +56,7 @@ class WorkerHandle:
     lives: int = 0
     restarts: dict[str, int] = field(default_factory=dict)
     last_exit: str = ""
+    last_exit_code: int | None = None
     last_restart_at: float | None = None
     last_restart_reason: str = ""
     failed_reason: str = ""
@@ -179,10 +74,105 @@ class WorkerHandle:
     def name(self) -> str:
         return self.spec.name
 
-    def set_phase(self, phase: Phase) -> None:
-        if phase is not self.phase:
-            self.phase = phase
+    # ------------------------------------------------------------ the state machine
+
+    def _move(self, new: Phase) -> None:
+        check_transition(self.name, self.phase, new)
+        if new is not self.phase:
+            self.phase = new
             self.phase_since = time.monotonic()
+
+    def backing_off(self) -> None:
+        self._move(Phase.BACKOFF)
+
+    def observed(self, state: WorkerState | None, answered_ok: bool,
+                 body: dict[str, object] | None) -> bool:
+        """A /health answer (state None: not one a worker gives). Returns True when the
+        worker has just begun to serve (its first time this life, or again after a sleep)."""
+        self.poll_failures = 0
+        if body is not None:
+            self.health = body
+        if state is None or self.phase not in LIVE:
+            return False
+        was_serving = self.serving
+        if state is not self.reported:
+            self.reported_since = time.monotonic()
+        self.reported = state
+        if self.phase in (Phase.STARTING, Phase.RESTORING):
+            self._move(Phase.RUNNING)
+        began = state is WorkerState.SERVING and answered_ok and self.serving and not was_serving
+        if began:
+            self.serving_since = time.monotonic()
+            self.policy.record_success()
+        return began
+
+    def poll_failed(self) -> None:
+        self.poll_failures += 1
+
+    def stopping(self) -> None:
+        self._move(Phase.STOPPING)
+
+    def exited(self, code: int | None, description: str) -> None:
+        self._move(Phase.EXITED)
+        self.last_exit_code = code
+        self.last_exit = description
+
+    def stopped(self) -> None:
+        self._move(Phase.STOPPED)
+
+    def give_up(self, reason: str) -> None:
+        self._move(Phase.FAILED)
+        self.failed_reason = reason
+
+    def restarting(self, reason: RestartReason) -> None:
+        """A failed life is counted and the next one will follow (after a backoff)."""
+        assert self.phase is Phase.EXITED, self.phase
+        self.restarts[reason.value] = self.restarts.get(reason.value, 0) + 1
+        self.last_restart_at = time.monotonic()
+        self.last_restart_reason = self.last_exit
+
+    def retry(self, policy: RestartPolicy) -> None:
+        """A given-up worker gets a new chance (a reload)."""
+        self._move(Phase.STOPPED)
+        self.failed_reason = ""
+        self.policy = policy
+
+    def abandon(self, reason: str) -> None:
+        """After a bug in its supervision: kill what runs and give the worker up, from any
+        phase (the one move the table does not check: the state may be anything then)."""
+        self.kill_group()
+        self.phase = Phase.FAILED
+        self.phase_since = time.monotonic()
+        self.failed_reason = reason
+
+    def request_stop(self) -> None:
+        """Stop for good (a reload with fewer workers): its supervision ends."""
+        self.stop_requested = True
+
+    def request_restart(self, spec: WorkerSpec | None = None) -> None:
+        """Start again after the next exit, with no backoff (a roll, a restore)."""
+        if spec is not None:
+            self.spec = spec
+        self.restart_requested = True
+
+    def take_restart_request(self) -> bool:
+        requested, self.restart_requested = self.restart_requested, False
+        return requested
+
+    # ------------------------------------------------------------ what it is now
+
+    @property
+    def state(self) -> str:
+        """What it is shown as: the worker's own word while it runs, else the phase."""
+        if self.phase is Phase.RUNNING and self.reported is not None:
+            return self.reported.value
+        return self.phase.value
+
+    @property
+    def state_since(self) -> float:
+        if self.phase is Phase.RUNNING:
+            return max(self.phase_since, self.reported_since)
+        return self.phase_since
 
     @property
     def running(self) -> bool:
@@ -192,30 +182,42 @@ class WorkerHandle:
     @property
     def ending(self) -> bool:
         """The worker said it is going (dead, hung, draining): it exits on its own."""
-        return self.phase in (Phase.DEAD, Phase.UNHEALTHY, Phase.DRAINING)
+        return self.phase is Phase.RUNNING and self.reported in ENDING
 
     @property
     def serving(self) -> bool:
-        return self.phase is Phase.SERVING
+        return self.phase is Phase.RUNNING and self.reported is WorkerState.SERVING
 
     @property
     def available(self) -> bool:
         """Serving, or asleep on purpose (an operator's choice, not a failure)."""
-        return self.phase in (Phase.SERVING, Phase.SLEEPING)
+        return self.phase is Phase.RUNNING and self.reported in (WorkerState.SERVING,
+                                                                 WorkerState.SLEEPING)
 
-    async def drop_discovery_record(self, config: Config) -> None:
+    @property
+    def failed(self) -> bool:
+        return self.phase is Phase.FAILED
+
+    @property
+    def loading(self) -> bool:
+        """Coming up: spawned, restored, or loading its model (start_timeout applies)."""
+        return self.phase in (Phase.STARTING, Phase.RESTORING) or (
+            self.phase is Phase.RUNNING and self.reported in NOT_YET_SERVING)
+
+    @property
+    def in_checkpoint(self) -> bool:
+        """Paused at its ready marker, or being dumped (CRIU freezes it)."""
+        return self.phase is Phase.RUNNING and self.reported is WorkerState.CHECKPOINT
+
+    # ------------------------------------------------------------ its files
+
+    async def drop_discovery_record(self, discovery: DiscoveryBackend) -> None:
         """A worker that died cannot remove its own record: do it for it."""
-        if self.spec.discovery_dir is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(record_path(self.spec.discovery_dir, self.spec.instance,
-                                      self.spec.index))
-        elif config.discovery.backend == "etcd":
-            try:
-                await asyncio.wait_for(
-                    delete_record(config, self.spec.instance, self.spec.index), 5.0)
-            except (EtcdError, TimeoutError) as exc:
-                log.warning("worker %s: its etcd key stays until its lease expires "
-                            "(deleting it failed: %s)", self.name, exc)
+        try:
+            await discovery.delete(self.spec.index)
+        except DiscoveryUnavailable as exc:
+            log.warning("worker %s: its record stays until its lease expires (deleting it "
+                        "failed: %s)", self.name, exc)
 
     def fresh_metrics_dir(self) -> None:
         """A new, empty, private directory for this life's metric files."""
@@ -252,32 +254,41 @@ class WorkerHandle:
 
     async def spawn(self, base_env: dict[str, str]) -> None:
         self.fresh_metrics_dir()
-        self.proc = await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             *self.spec.command(),
             env=self.spec.environment(base_env),
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
-        self._started(Phase.STARTING, restored=False)
-        log.info("worker %s started (pid %d, port %d%s)", self.name, self.proc.pid,
+        self._started(proc, Phase.STARTING, restored=False)
+        log.info("worker %s started (pid %d, port %d%s)", self.name, proc.pid,
                  self.spec.port, f", GPUs {self.spec.gpus}" if self.spec.gpus else "")
 
-    def adopt(self, pid: int) -> None:
+    def adopt(self, pid: int, restore_started: float) -> None:
         """Take on a worker restored from a checkpoint (already our child)."""
-        self.proc = RestoredProcess(pid)
-        self._started(Phase.RESTORING, restored=True)
+        self._started(RestoredProcess(pid), Phase.RESTORING, restored=True)
+        self.restore_started = restore_started
         log.info("worker %s restored (pid %d, port %d)", self.name, pid, self.spec.port)
 
-    def _started(self, phase: Phase, restored: bool) -> None:
-        assert self.proc is not None
-        self.pid = self.proc.pid
+    def restore_done(self) -> float | None:
+        """Seconds from the start of the restore to serving, once; None if not restored."""
+        if not self.restored or self.restore_started is None:
+            return None
+        seconds = time.monotonic() - self.restore_started
+        self.restore_started = None
+        return seconds
+
+    def _started(self, proc: WorkerProcess, phase: Phase, restored: bool) -> None:
+        self._move(phase)
+        self.proc = proc
+        self.pid = proc.pid
         self.started_at = time.monotonic()
         self.serving_since = None
+        self.reported = None
         self.poll_failures = 0
         self.health = {}
         self.lives += 1
         self.restored = restored
-        self.set_phase(phase)
 
     def signal_worker(self, sig: signal.Signals) -> None:
         if self.pid is not None:
@@ -305,7 +316,7 @@ class WorkerHandle:
         """SIGTERM (the worker drains and shuts its engine down), then SIGKILL the group."""
         if self.proc is None or self.proc.returncode is not None:
             return self.proc.returncode if self.proc else None
-        self.set_phase(Phase.STOPPING)
+        self.stopping()
         self.signal_worker(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.proc.wait(), timeout)
@@ -334,7 +345,8 @@ class WorkerHandle:
             "port": self.spec.port,
             "gpus": self.spec.gpus,
             "cpus": self.spec.cpus,
-            "state": self.phase.value,
+            "state": self.state,
+            "phase": self.phase.value,
             "restarts": sum(self.restarts.values()),
             "restarts_by_reason": dict(self.restarts),
             "last_exit": self.last_exit,

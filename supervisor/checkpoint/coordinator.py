@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -49,82 +47,25 @@ from dynamo_vllm.supervisor.checkpoint.identity import (
     engine_version,
     identity,
 )
+from dynamo_vllm.supervisor.checkpoint.leftovers import end_left_waiting
+from dynamo_vllm.supervisor.checkpoint.processes import become_subreaper, store_root
+from dynamo_vllm.supervisor.checkpoint.results import CheckpointResult, RestoreResult
 from dynamo_vllm.supervisor.checkpoint.store import (
-    Busy,
     CheckpointStore,
     StoreError,
-    make_private,
     read_metadata,
 )
+from dynamo_vllm.supervisor.checkpoint.taking import IMAGES, METRICS, CheckpointTaker
 from dynamo_vllm.supervisor.checkpoint.watcher import MarkerWatcher
 from dynamo_vllm.supervisor.metrics import CheckpointMetrics
-from dynamo_vllm.supervisor.workers import WorkerHandle, WorkerSpec
+from dynamo_vllm.supervisor.tasks import observed
+from dynamo_vllm.supervisor.worker_process import WorkerSpec
+from dynamo_vllm.supervisor.workers import WorkerHandle
 
 log = logging.getLogger(__name__)
 
-PR_SET_CHILD_SUBREAPER = 36
-IMAGES = "images"
-METRICS = "metrics"
 # Names a restored worker takes from the supervisor of now (CRIU brings back the old ones).
 CONTEXT_ENV = (Env.SUPERVISOR_PID, Env.INSTANCE, Env.DISCOVERY_DIR, Env.ETCD_ENDPOINTS)
-
-
-def store_root(config: Config, runtime_dir: Path, instance: str) -> Path:
-    """checkpoint.store, else `$STATE_DIRECTORY/checkpoints/<instance>` under systemd (the
-    state directory is shared by the instances), else beside the runtime files."""
-    if config.checkpoint.store:
-        return Path(config.checkpoint.store)
-    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(state) / "checkpoints" / instance if state else runtime_dir / "checkpoints"
-
-
-# Free space below which a failed dump is put down to a full store.
-FULL_BELOW = 16 * 2**20
-
-
-def _free_bytes(path: Path) -> int:
-    try:
-        info = os.statvfs(path)
-    except OSError:
-        return FULL_BELOW
-    return info.f_bavail * info.f_frsize
-
-
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-async def _reap(pids: list[int], timeout: float = 10.0) -> None:
-    """Wait until the dumped processes are gone, so that a restore finds their pids free.
-    The engine processes are ours to reap (re-parented to the subreaper); the worker
-    itself is reaped by asyncio, which spawned it."""
-    deadline = time.monotonic() + timeout
-    root, pending = pids[0], set(pids)
-    while pending and time.monotonic() < deadline:
-        for pid in list(pending):
-            if pid == root:
-                done = not _alive(pid)
-            else:
-                try:
-                    done = os.waitpid(pid, os.WNOHANG)[0] == pid
-                except ChildProcessError:
-                    done = not _alive(pid)
-            if done:
-                pending.discard(pid)
-        if pending:
-            await asyncio.sleep(0.05)
 
 
 class CheckpointCoordinator:
@@ -139,6 +80,8 @@ class CheckpointCoordinator:
         self.control_root = runtime_dir / "control"
         self.work_root = runtime_dir / "criu"
         self.unavailable: str | None = "not checked yet"
+        self.taker = CheckpointTaker(self.store, self.checkpointer, metrics, self.work_root,
+                                     self._event)
         self.watcher = MarkerWatcher(self.control_root, self._on_marker)
         self.handles: dict[str, WorkerHandle] = {}
         self.specs: dict[str, WorkerSpec] = {}
@@ -180,8 +123,8 @@ class CheckpointCoordinator:
         self.watcher.start(asyncio.get_running_loop())
         for worker, marker in self.watcher.scan():
             if marker == Marker.READY:
-                await self._left_waiting(worker)
-        self._count_stored()
+                await end_left_waiting(self, worker)
+        self.taker.count_stored()
 
     async def assign(self, spec: WorkerSpec, gpu_names: dict[int, str]) -> None:
         """Hash and control directory of one worker spec (a new config gets new ones)."""
@@ -268,8 +211,7 @@ class CheckpointCoordinator:
                                                   dict(metadata.get("stdio") or {}))
         except (StoreError, OSError) as exc:
             raise CheckpointError(str(exc)) from None
-        handle.adopt(pid)
-        handle.restore_started = started
+        handle.adopt(pid, started)
         self._answer(spec)
         log.info("worker %s: restored from checkpoint %s in %.2f s (criu); waking it",
                  spec.name, spec.checkpoint_hash, time.monotonic() - started)
@@ -278,11 +220,11 @@ class CheckpointCoordinator:
         spec = handle.spec
         log.error("worker %s: restore from checkpoint %s failed: %s; starting cold and "
                   "discarding the checkpoint", spec.name, spec.checkpoint_hash, exc)
-        self.metrics.restores.labels(worker=spec.name, result="cold_start").inc()
+        self.metrics.restores.labels(worker=spec.name, result=RestoreResult.COLD_START).inc()
         self._event(f"worker {spec.name} restore failed, cold start: {exc}")
         with contextlib.suppress(StoreError, OSError):
             self.store.remove(spec.checkpoint_hash)
-        self._count_stored()
+        self.taker.count_stored()
         if self.config.checkpoint.auto and spec.checkpoint_hash not in self._restore_failed:
             log.error("worker %s: no automatic checkpoint of %s again until the supervisor "
                       "restarts (`dynamo-vllm checkpoint` still takes one)", spec.name,
@@ -294,11 +236,10 @@ class CheckpointCoordinator:
 
     def serving(self, handle: WorkerHandle) -> None:
         """The worker serves: a restore, if it was one, is done."""
-        if handle.restored and handle.restore_started is not None:
-            seconds = time.monotonic() - handle.restore_started
-            handle.restore_started = None
+        seconds = handle.restore_done()
+        if seconds is not None:
             self.metrics.restore_duration.labels(worker=handle.name).set(seconds)
-            self.metrics.restores.labels(worker=handle.name, result="restored").inc()
+            self.metrics.restores.labels(worker=handle.name, result=RestoreResult.RESTORED).inc()
             self._event(f"worker {handle.name} restored in {seconds:.1f} s")
             log.info("worker %s serving %.2f s after its restore began", handle.name, seconds)
 
@@ -314,8 +255,8 @@ class CheckpointCoordinator:
             return
         running = self._tasks.get(worker)
         if running is None or running.done():
-            self._tasks[worker] = asyncio.create_task(self._on_ready(handle),
-                                                      name=f"checkpoint-worker{worker}")
+            self._tasks[worker] = observed(self._on_ready(handle), f"checkpoint-worker{worker}",
+                                           lambda exc: self._answer(handle.spec))
 
     async def _on_ready(self, handle: WorkerHandle) -> None:
         spec = handle.spec
@@ -342,10 +283,11 @@ class CheckpointCoordinator:
                                      marker_hash=ready["hash"])
         except Exception as exc:  # the worker must be answered whatever happens here
             log.exception("worker %s: checkpoint failed unexpectedly", spec.name)
-            result = self._result(spec.name, "failed", f"{type(exc).__name__}: {exc}")
-        if result["result"] == "taken":
+            result = self.taker.result(spec.name, CheckpointResult.FAILED,
+                                       f"{type(exc).__name__}: {exc}")
+        if result["result"] is CheckpointResult.TAKEN:
             # The dump ended the worker; its supervising task restores it from the store.
-            handle.restart_requested = True
+            handle.request_restart()
         else:
             self._answer(spec)
         waiter = self._waiters.pop(spec.name, None)
@@ -357,76 +299,14 @@ class CheckpointCoordinator:
         """Dump the worker (paused at its ready marker) into the store."""
         name, wanted = spec.name, spec.checkpoint_hash
         if marker_hash is not None and marker_hash != wanted:
-            return self._result(name, "failed", f"the worker's hash {marker_hash} is not its "
-                                                f"spec's {wanted} (config changed); not taken")
+            return self.taker.result(name, CheckpointResult.FAILED,
+                                     f"the worker's hash {marker_hash} is not its spec's "
+                                     f"{wanted} (config changed); not taken")
         if self.unavailable:
-            return self._result(name, "failed", f"checkpoints unavailable: {self.unavailable}")
-        if self.store.has(wanted):
-            return self._result(name, "skipped", f"checkpoint {wanted} is stored already")
-        try:
-            staging = self.store.begin(wanted)
-        except Busy as exc:
-            return self._result(name, "skipped", str(exc))
-        except (StoreError, OSError) as exc:
-            return self._result(name, "failed", str(exc))
-        log.info("worker %s: taking checkpoint %s (pid %d)", name, wanted, pid)
-        started = time.monotonic()
-        try:
-            (staging.path / IMAGES).mkdir(mode=0o700)
-            dump = await self.checkpointer.dump(pid, staging.path / IMAGES, leave_running)
-            make_private(staging.path / IMAGES)
-            # Metric files keep their mode: CRIU checks it when it maps them again.
-            shutil.copytree(spec.metrics_dir, staging.path / METRICS, symlinks=True)
-            os.chmod(staging.path / METRICS, 0o700)
-            entry = staging.commit({
-                "worker": spec.index, "pid": pid, "stdio": dump.stdio,
-                "dump_seconds": round(dump.seconds, 3), "checkpointer": self.checkpointer.name,
-                "identity": self.identities.get(name, {}),
-            })
-        except Exception as exc:
-            # Before the partial dump is removed: a full filesystem also cuts CRIU's own
-            # log short, so its words may not say why.
-            free = _free_bytes(staging.path)
-            self._keep_log(staging.path / IMAGES / "dump.log", name)
-            staging.abort()
-            if not isinstance(exc, CheckpointError | StoreError | OSError):
-                raise
-            reason = str(exc)
-            if (isinstance(exc, OSError) and exc.errno == 28) or free < FULL_BELOW:
-                reason = (f"no space left on the checkpoint store's filesystem "
-                          f"({free / 2**20:.0f} MiB free at the failure): {reason}")
-            return self._result(name, "failed", reason)
-        if not leave_running and dump.pids:
-            await _reap(dump.pids)
-        seconds = time.monotonic() - started
-        self.metrics.duration.labels(worker=name).set(seconds)
-        self.metrics.size.labels(worker=name).set(entry.size_bytes)
-        removed = self.store.prune({s.spec.checkpoint_hash for s in self.handles.values()})
-        if removed:
-            log.info("checkpoint store: removed %s (checkpoint.keep = %d)", ", ".join(removed),
-                     self.store.keep)
-        self._count_stored()
-        return self._result(name, "taken", f"checkpoint {wanted} stored in {seconds:.1f} s "
-                                           f"({entry.size_bytes / 2**20:.0f} MiB)",
-                            hash=wanted, seconds=round(seconds, 3), size_bytes=entry.size_bytes)
-
-    def _keep_log(self, log_path: Path, worker: str) -> None:
-        """CRIU's log of a failed dump outlives the removed tmp/ entry, in the runtime dir."""
-        if not log_path.is_file():
-            return
-        directory = self.work_root / worker
-        with contextlib.suppress(OSError):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            kept = directory / f"dump-failed-{int(time.time())}.log"
-            shutil.copyfile(log_path, kept)
-            log.error("CRIU's log of the failed dump: %s", kept)
-
-    def _result(self, worker: str, result: str, message: str, **extra: Any) -> dict[str, Any]:
-        self.metrics.checkpoints.labels(worker=worker, result=result).inc()
-        text = f"worker {worker} checkpoint {result}: {message}"
-        (log.error if result == "failed" else log.info)("%s", text)
-        self._event(text)
-        return {"worker": worker, "result": result, "message": message, **extra}
+            return self.taker.result(name, CheckpointResult.FAILED,
+                                     f"checkpoints unavailable: {self.unavailable}")
+        return await self.taker.take(spec, pid, leave_running, self.identities.get(name, {}),
+                                     {h.spec.checkpoint_hash for h in self.handles.values()})
 
     def _answer(self, spec: WorkerSpec) -> None:
         """Tell the worker to go on: the environment of now, then `restore-complete`."""
@@ -442,40 +322,6 @@ class CheckpointCoordinator:
             log.error("worker %s: cannot write %s: %s (it serves after checkpoint.timeout)",
                       spec.name, Marker.RESTORE_COMPLETE, exc)
 
-    async def _left_waiting(self, worker: str) -> None:
-        """A worker of a previous supervisor waits at its ready marker: take its checkpoint
-        (which ends it) so that this supervisor restores it as its own child."""
-        directory = self.control_root / worker
-        try:
-            content = read_marker(directory, Marker.READY)
-            ready = parse_ready(content or b"")
-        except MarkerError as exc:
-            log.warning("worker %s: left-over %s", worker, exc)
-            self.metrics.marker_errors.inc()
-            remove_markers(directory, Marker.ALL)
-            return
-        pid = int(ready["pid"])
-        if not _alive(pid):
-            log.info("worker %s: a stale %s (pid %d is gone); removed", worker, Marker.READY, pid)
-            remove_markers(directory, Marker.ALL)
-            return
-        spec = self.specs.get(worker)
-        if spec is not None and spec.checkpoint_hash == ready["hash"]:
-            log.info("worker %s: found waiting at its ready marker (pid %d, left by a previous "
-                     "supervisor)", worker, pid)
-            result = await self.take(spec, pid, leave_running=False, marker_hash=ready["hash"])
-            if result["result"] == "taken":
-                remove_markers(directory, Marker.ALL)
-                return
-        log.warning("worker %s: ending pid %d, left waiting by a previous supervisor", worker,
-                    pid)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        remove_markers(directory, Marker.ALL)
-
     # ------------------------------------------------------------ operator requests
 
     async def request_checkpoint(self, worker: str) -> tuple[int, dict[str, Any]]:
@@ -487,11 +333,11 @@ class CheckpointCoordinator:
             return 503, {"error": f"checkpoints unavailable: {self.unavailable}"}
         spec = handle.spec
         if self.store.has(spec.checkpoint_hash):
-            return 200, self._result(worker, "skipped",
+            return 200, self.taker.result(worker, CheckpointResult.SKIPPED,
                                      f"checkpoint {spec.checkpoint_hash} is stored already",
                                      hash=spec.checkpoint_hash)
         if not handle.serving:
-            return 409, {"error": f"worker {worker} is {handle.phase.value}; a checkpoint is "
+            return 409, {"error": f"worker {worker} is {handle.state}; a checkpoint is "
                                   "taken while it serves"}
         if worker in self._waiters:
             return 409, {"error": f"a checkpoint of worker {worker} is being taken"}
@@ -513,7 +359,7 @@ class CheckpointCoordinator:
             return 503, {"error": f"no ready marker from worker {worker} in time"}
         finally:
             self._waiters.pop(worker, None)
-        return (200 if result["result"] != "failed" else 503), result
+        return (200 if result["result"] is not CheckpointResult.FAILED else 503), result
 
     def request_restore(self, worker: str) -> tuple[int, dict[str, Any]]:
         """POST /restore: restart the worker from its checkpoint."""
@@ -524,9 +370,9 @@ class CheckpointCoordinator:
             why = self.unavailable or f"no checkpoint stored for its hash " \
                                       f"{handle.spec.checkpoint_hash}"
             return 409, {"error": f"worker {worker} cannot be restored: {why}"}
-        handle.restart_requested = True
-        asyncio.get_running_loop().create_task(handle.stop(self.config.workers.stop_timeout))
-        return 202, {"worker": worker, "result": "restoring",
+        handle.request_restart()
+        observed(handle.stop(self.config.workers.stop_timeout), f"restore-worker{worker}")
+        return 202, {"worker": worker, "result": RestoreResult.RESTORING,
                      "message": f"worker {worker} stops and is restored from "
                                 f"{handle.spec.checkpoint_hash}"}
 
@@ -535,10 +381,6 @@ class CheckpointCoordinator:
     def _event(self, text: str) -> None:
         self.last_event = text
         self.last_event_at = time.monotonic()
-
-    def _count_stored(self) -> None:
-        with contextlib.suppress(OSError):
-            self.metrics.stored.set(sum(1 for e in self.store.entries() if e.state == "complete"))
 
     def describe(self) -> dict[str, Any]:
         return {"available": self.unavailable is None, "unavailable_reason": self.unavailable,

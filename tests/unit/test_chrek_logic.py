@@ -18,7 +18,8 @@ from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
 from dynamo_vllm.supervisor.checkpoint.criu import CheckpointError, DumpResult
 from dynamo_vllm.supervisor.metrics import CheckpointMetrics
 from dynamo_vllm.supervisor.restart_policy import RestartPolicy
-from dynamo_vllm.supervisor.workers import WorkerHandle, WorkerSpec
+from dynamo_vllm.supervisor.worker_process import WorkerSpec
+from dynamo_vllm.supervisor.workers import WorkerHandle
 
 
 class RecordingCheckpointer:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -74,15 +75,25 @@ def _post(url: str, token: str | None) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def test_supervisor_posts_need_the_token() -> None:
-    calls = []
+class RecordingRoutes:
+    """The loop-side handlers, recording what reaches them past the gate."""
 
-    def control(path: str, body: dict) -> tuple[int, dict]:
-        calls.append((path, body))
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    async def control(self, path: str, body: dict) -> tuple[int, dict]:
+        self.calls.append((path, body))
         return 202, {"result": "restoring"}
 
-    server = StatusServer("127.0.0.1", 0, CollectorRegistry(), lambda: {}, lambda: {},
-                          control=control, token=TOKEN)
+
+def test_supervisor_posts_need_the_token() -> None:
+    routes = RecordingRoutes()
+    calls = routes.calls
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    server = StatusServer("127.0.0.1", 0, CollectorRegistry(), lambda: {},
+                          routes, loop, token=TOKEN)  # type: ignore[arg-type]
     server.start()
     try:
         base = f"http://127.0.0.1:{server.port}"
@@ -94,3 +105,6 @@ def test_supervisor_posts_need_the_token() -> None:
         assert _post(base + "/status", TOKEN)[0] == 405
     finally:
         server.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(timeout=5)
+        loop.close()

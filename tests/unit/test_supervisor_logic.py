@@ -13,7 +13,7 @@ from dynamo_vllm.contract.protocol import ExitCode
 from dynamo_vllm.supervisor.devices import GpuAssignmentError, assign, split_cpus
 from dynamo_vllm.supervisor.notify import Notifier, watchdog_usec
 from dynamo_vllm.supervisor.restart_policy import RestartPolicy, restart_reason
-from dynamo_vllm.supervisor.workers import WorkerSpec
+from dynamo_vllm.supervisor.worker_process import WorkerSpec
 
 
 class Clock:

@@ -1,0 +1,70 @@
+"""The process side of checkpoints: where the store lives, becoming the subreaper that
+restored trees are re-parented to, and waiting for dumped processes to be gone."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import time
+from pathlib import Path
+
+from dynamo_vllm.contract.config import Config
+
+PR_SET_CHILD_SUBREAPER = 36
+# Free space below which a failed dump is put down to a full store.
+FULL_BELOW = 16 * 2**20
+
+
+def store_root(config: Config, runtime_dir: Path, instance: str) -> Path:
+    """checkpoint.store, else `$STATE_DIRECTORY/checkpoints/<instance>` under systemd (the
+    state directory is shared by the instances), else beside the runtime files."""
+    if config.checkpoint.store:
+        return Path(config.checkpoint.store)
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state) / "checkpoints" / instance if state else runtime_dir / "checkpoints"
+
+
+def free_bytes(path: Path) -> int:
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return FULL_BELOW
+    return info.f_bavail * info.f_frsize
+
+
+def become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def reap(pids: list[int], timeout: float = 10.0) -> None:
+    """Wait until the dumped processes are gone, so that a restore finds their pids free.
+    The engine processes are ours to reap (re-parented to the subreaper); the worker
+    itself is reaped by asyncio, which spawned it."""
+    deadline = time.monotonic() + timeout
+    root, pending = pids[0], set(pids)
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            if pid == root:
+                done = not alive(pid)
+            else:
+                try:
+                    done = os.waitpid(pid, os.WNOHANG)[0] == pid
+                except ChildProcessError:
+                    done = not alive(pid)
+            if done:
+                pending.discard(pid)
+        if pending:
+            await asyncio.sleep(0.05)

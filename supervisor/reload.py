@@ -1,0 +1,113 @@
+"""`systemctl reload` (SIGHUP): apply the config file again, without a gap in service.
+
+Settings only the supervisor reads apply at once; a change of the worker's view of the
+config (`contract.config.worker_view`) rolls the workers one at a time, each serving again
+before the next goes; more or fewer workers start or stop. A refused or failed reload
+leaves the previous config running, and says so in STATUS=.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from dynamo_vllm.contract import config as config_module
+from dynamo_vllm.contract.config import worker_view
+from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
+from dynamo_vllm.supervisor.report import status_text
+from dynamo_vllm.supervisor.startup import StartupError
+from dynamo_vllm.supervisor.worker_process import WorkerSpec
+
+if TYPE_CHECKING:
+    from dynamo_vllm.supervisor.daemon import Supervisor
+
+log = logging.getLogger(__name__)
+
+# How often a roll checks whether the restarted worker serves again.
+ROLL_POLL_S = 0.5
+
+
+async def reload(supervisor: Supervisor) -> None:
+    """SIGHUP: apply the config file again. Always ends with READY=1 and a STATUS= that
+    says whether the reload was refused, failed, or done."""
+    supervisor.notifier.reloading("reloading the config")
+    try:
+        rolled = await _apply(supervisor)
+    except (config_module.ConfigError, StartupError) as exc:
+        errors = exc.errors if isinstance(exc, config_module.ConfigError) else [str(exc)]
+        for line in errors:
+            log.error("reload refused: %s", line)
+        supervisor.notifier.ready(f"reload refused ({errors[0]}); running the previous config")
+        return
+    except Exception as exc:
+        log.exception("reload failed")
+        supervisor.notifier.ready(f"reload failed ({type(exc).__name__}: {exc}); see the log")
+        return
+    if rolled is None:
+        return
+    text = status_text(supervisor.handles, time.monotonic())
+    supervisor.notifier.ready(text)
+    log.info("reload done%s", " (workers rolled)" if rolled else "")
+
+async def _apply(supervisor: Supervisor) -> bool | None:
+    """Apply the config file again; True when the workers rolled, None when the
+    service stopped meanwhile. Raises ConfigError/StartupError before changing anything."""
+    new = config_module.load(supervisor.config_path)
+    specs = supervisor.specs(new)
+    chrek = supervisor.chrek
+    if chrek is not None:
+        names = await asyncio.to_thread(gpu_names)
+        old, chrek.config = chrek.config, new
+        try:
+            for spec in specs:
+                await chrek.assign(spec, names)
+        except BaseException:
+            chrek.config = old
+            raise
+    worker_view_changed = worker_view(supervisor.config) != worker_view(new)
+    supervisor.config = new
+    supervisor.write_effective_config()
+    for handle in supervisor.handles:
+        handle.policy.initial = new.workers.restart_backoff
+        handle.policy.maximum = new.workers.restart_backoff_max
+        handle.policy.max_restarts = new.workers.crash_loop_restarts
+        handle.policy.window = new.workers.crash_loop_window
+    supervisor.metrics.workers_desired.set(new.workers.count)
+    supervisor.metrics.min_ready.set(new.min_ready)
+    logging.getLogger().setLevel(new.logging.level.upper())
+    # Fewer workers: stop the surplus. More: start the new ones.
+    for handle in [h for h in supervisor.handles if h.spec.index >= new.workers.count]:
+        handle.request_stop()
+        await handle.stop(new.workers.stop_timeout)
+        await supervisor.tasks.pop(handle.spec.index)
+        supervisor.handles.remove(handle)
+    for spec in specs[len(supervisor.handles):]:
+        supervisor.add_worker(spec)
+    if worker_view_changed:
+        await _roll(supervisor, specs)
+    return None if supervisor.stopping else worker_view_changed
+
+async def _roll(supervisor: Supervisor, specs: list[WorkerSpec]) -> None:
+    """Restart workers one at a time, each serving again before the next goes."""
+    for handle, spec in zip(list(supervisor.handles), specs, strict=False):
+        if supervisor.stopping:
+            return
+        if handle.failed:
+            continue  # its task ended; a new config gets a new chance
+        others = sum(1 for h in supervisor.handles if h is not handle and h.serving)
+        if others < supervisor.config.min_ready:
+            log.warning("rolling worker %s leaves %d serving (min_ready %d)", handle.name,
+                        others, supervisor.config.min_ready)
+        handle.request_restart(spec)
+        await handle.stop(supervisor.config.workers.stop_timeout)
+        deadline = time.monotonic() + supervisor.config.workers.start_timeout
+        while not supervisor.stopping and time.monotonic() < deadline:
+            if handle.serving or handle.failed:
+                break
+            await asyncio.sleep(ROLL_POLL_S)
+    for handle in supervisor.handles:
+        if handle.failed:
+            handle.retry(supervisor.policy())
+            supervisor.supervise(handle)
