@@ -103,13 +103,9 @@ def _run_worker(config: Config, index: int, debug: bool, snapshot: SnapshotSetti
                 capture_env: dict[str, str | None]) -> int:
     # Imported only now: they import prometheus_client, and the metrics directory had to
     # be set first.
+    from dynamo_vllm.agent.engine import EngineConfigError, EngineStartError, refused_engine_key
     from dynamo_vllm.agent.server import PortInUse
-    from dynamo_vllm.agent.worker import (
-        EngineConfigError,
-        EngineStartError,
-        Worker,
-        refused_engine_key,
-    )
+    from dynamo_vllm.agent.worker import Worker
     from dynamo_vllm.contract.gate import TokenError
 
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 from typing import Any, NoReturn
 
@@ -97,3 +98,32 @@ def _first_line(exc: BaseException) -> str:
     if len(lines) > 1 and "validation error" in lines[0]:
         return f"{lines[0]}: {' '.join(lines[1:3])}"
     return lines[0]
+
+
+class EngineStartError(Exception):
+    """The engine did not start. `permanent`: a restart cannot fix it (the KV cache does not
+    fit): the worker exits CONFIG; otherwise START_FAILED, and the supervisor retries."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.permanent = reason.startswith(PERMANENT_START_FAILURE)
+
+
+def bos_token_id(engine: Any) -> int | None:
+    try:
+        tokenizer = engine.get_tokenizer()
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return int(bos) if bos is not None else None
+    except Exception as exc:
+        log.info("no BOS token from the tokenizer (%s); the canary uses token id 1", exc)
+        return None
+
+
+def refused_engine_key(config: Config, message: str) -> str:
+    """Name the `engine.*` key behind a vLLM refusal, when the message names its flag."""
+    for key in config.engine:
+        flag = "--" + key.replace("_", "-")
+        if re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message) or \
+                re.search(rf"\b{re.escape(key)}\b", message):
+            return f"engine.{key}"
+    return "engine"

@@ -50,3 +50,26 @@ class EngineMonitor:
                 self.unexpected_errors += 1
                 log.exception("engine health check raised unexpectedly; monitoring goes on")
             await asyncio.sleep(self.interval)
+
+
+class EngineErrorHook:
+    """Stands in for the server in vLLM's error handlers.
+
+    When a request fails because the engine died, vLLM sets `server.should_exit`. Here that
+    ends the worker with the engine-dead code at once, instead of stopping the HTTP server
+    behind the worker's back.
+    """
+
+    def __init__(self, ending: Callable[[], bool], fail: FailureHandler):
+        self._ending = ending
+        self._fail = fail
+
+    @property
+    def should_exit(self) -> bool:
+        return self._ending()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self._fail(ExitCode.ENGINE_DEAD, "engine dead (a request failed with "
+                                             "EngineDeadError)")

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from dynamo_vllm.contract.protocol import WorkerState
+from dynamo_vllm.contract.protocol import WORKER_TRANSITIONS, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,10 @@ class WorkerStatus:
     started_at: float = field(default_factory=time.time)
 
     def set(self, state: WorkerState, reason: str) -> None:
+        if state is not self.state and state not in WORKER_TRANSITIONS[self.state]:
+            # A bug: the move is made (the state must say what the worker does), and logged.
+            log.error("bug: worker state %s -> %s is not an allowed transition (%s)",
+                      self.state.value, state.value, reason, stack_info=True)
         if state != self.state or reason != self.reason:
             log.info("worker state %s -> %s: %s", self.state.value, state.value, reason)
         if state != self.state:

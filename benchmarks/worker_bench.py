@@ -1,6 +1,6 @@
 """Worker benchmarks: request-path overhead against vLLM's own server, and failure detection.
 
-    python benchmarks/worker_bench.py --model .tiny-model [--rounds 3] [--kill-runs 5]
+    python -m benchmarks.worker_bench --model .tiny-model [--rounds 3] [--kill-runs 5]
 
 1. Overhead: the agent's worker and `python -m vllm.entrypoints.openai.api_server`, the same
    model and engine arguments, both started, then loaded in alternation (8 concurrent
@@ -23,11 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.loadgen import LoadResult, median, run_load  # noqa: E402
-from tests.harness import (  # noqa: E402
+from benchmarks.loadgen import LoadResult, median, run_load
+from tests.harness import (
     WorkerProcess,
     engine_config,
     free_port,

@@ -83,6 +83,19 @@ class WorkerState(enum.StrEnum):
     """Paused and waiting for a checkpoint (`ready-for-snapshot` written)."""
 
 
+_ENDS = frozenset({WorkerState.DRAINING, WorkerState.DEAD, WorkerState.UNHEALTHY})
+# The moves a worker's reported state may make; the worker logs any other as a bug.
+WORKER_TRANSITIONS: Final[Mapping[WorkerState, frozenset[WorkerState]]] = MappingProxyType({
+    WorkerState.LOADING: frozenset({WorkerState.SERVING, WorkerState.CHECKPOINT}) | _ENDS,
+    WorkerState.SERVING: frozenset({WorkerState.SLEEPING, WorkerState.CHECKPOINT}) | _ENDS,
+    WorkerState.SLEEPING: frozenset({WorkerState.SERVING}) | _ENDS,
+    WorkerState.CHECKPOINT: frozenset({WorkerState.SERVING}) | _ENDS,
+    WorkerState.DRAINING: frozenset({WorkerState.DEAD, WorkerState.UNHEALTHY}),
+    WorkerState.UNHEALTHY: frozenset({WorkerState.DEAD}),
+    WorkerState.DEAD: frozenset(),
+})
+
+
 class Route:
     """HTTP routes that are ours (a worker's OpenAI routes are vLLM's)."""
 

@@ -67,6 +67,23 @@ def test_crash_loop_is_given_up(tmp_path: Path) -> None:
         supervisor.cleanup()
 
 
+def test_a_failed_engine_start_is_retried_and_counted_not_a_config_error(
+        tmp_path: Path) -> None:
+    port = free_port()
+    supervisor = SupervisorProcess(
+        scripted_config(tmp_path, fake_python(tmp_path, f"exit {ExitCode.START_FAILED:d}"),
+                        port), tmp_path, port)
+    try:
+        code = supervisor.proc.wait(60)
+        log = supervisor.log()
+        assert code == ExitCode.SERVICE_FAILED, log  # never 78: the config is fine
+        assert starts(tmp_path) == 4  # retried, until the crash-loop limit
+        assert log.count("restarting (reason start_failed)") == 3, log
+        assert "given up: crash loop" in log and "last: engine failed to start" in log
+    finally:
+        supervisor.cleanup()
+
+
 def test_config_exit_is_not_restarted(tmp_path: Path) -> None:
     port = free_port()
     supervisor = SupervisorProcess(

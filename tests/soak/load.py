@@ -16,10 +16,12 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
+
+from dynamo_vllm.bench.sse import DONE, SseDecoder
 
 COMPLETED, FAILED, LOST = "completed", "failed", "lost"
 
@@ -105,27 +107,20 @@ class Load:
                 if resp.status_code != 200:
                     resp.read()
                     return FAILED, f"HTTP {resp.status_code}: {resp.text[:120]}"
-                buffer = ""
-                for text in resp.iter_text():
-                    if time.monotonic() > deadline:
-                        return LOST, f"no end within {self.deadline:g} s (hung)"
-                    buffer += text
-                    *lines, buffer = buffer.split("\n")
-                    for line in lines:
-                        if not line.startswith("data: "):
-                            continue
-                        data = line[len("data: "):]
-                        if data == "[DONE]":
-                            done = True
-                            continue
-                        event = json.loads(data)
-                        if "error" in event:
-                            return FAILED, f"error event: {str(event['error'])[:120]}"
-                        for choice in event.get("choices") or []:
-                            finish = choice.get("finish_reason") or finish
-                        usage = event.get("usage")
-                        if usage:
-                            got = int(usage.get("completion_tokens") or 0)
+                for data in _payloads(resp, deadline):
+                    if data == DONE:
+                        done = True
+                        continue
+                    event = json.loads(data)
+                    if "error" in event:
+                        return FAILED, f"error event: {str(event['error'])[:120]}"
+                    for choice in event.get("choices") or []:
+                        finish = choice.get("finish_reason") or finish
+                    usage = event.get("usage")
+                    if usage:
+                        got = int(usage.get("completion_tokens") or 0)
+        except _PastDeadline:
+            return LOST, f"no end within {self.deadline:g} s (hung)"
         except httpx.TimeoutException as exc:
             return LOST, f"timed out: {type(exc).__name__}"
         except httpx.TransportError as exc:
@@ -137,3 +132,17 @@ class Load:
         if got != tokens:
             return LOST, f"{got} of {tokens} tokens, finish_reason {finish}"
         return COMPLETED, ""
+
+
+class _PastDeadline(Exception):
+    pass
+
+
+def _payloads(resp: httpx.Response, deadline: float) -> Iterator[str]:
+    """The stream's `data:` payloads; _PastDeadline when it runs past `deadline` (hung)."""
+    decoder = SseDecoder()
+    for text in resp.iter_text():
+        if time.monotonic() > deadline:
+            raise _PastDeadline
+        yield from decoder.feed(text)
+    yield from decoder.close()

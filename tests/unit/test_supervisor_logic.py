@@ -57,6 +57,7 @@ def test_crash_loop_counts_only_within_the_window() -> None:
     (ExitCode.ENGINE_DEAD, None, "engine_dead"),
     (ExitCode.UNHEALTHY, None, "engine_hung"),
     (ExitCode.STOPPED, None, "exited"),
+    (ExitCode.START_FAILED, None, "start_failed"),
     (1, None, "crashed"),
     (-9, None, "killed"),
     (-9, "worker_hung", "worker_hung"),
