@@ -137,9 +137,7 @@ class Supervisor:
                 Document(target_group(self.config, self.instance)))
 
     def policy(self) -> RestartPolicy:
-        w = self.config.workers
-        return RestartPolicy(initial=w.restart_backoff, maximum=w.restart_backoff_max,
-                             max_restarts=w.crash_loop_restarts, window=w.crash_loop_window)
+        return RestartPolicy.of(self.config.workers)
 
     def _token(self) -> str | None:
         path = self.config.workers.control_token_file
@@ -260,7 +258,7 @@ class Supervisor:
         verdict = readiness(
             now,
             [WorkerView(available=h.available, serving=h.serving, failed=h.failed,
-                        failed_for_config=h.failed_reason.startswith("bad config"))
+                        failed_for_config=h.failed_for_config)
              for h in self.handles],
             Settings(self.config.min_ready, self.config.watchdog.unready_grace,
                      watchdog=interval is not None),
@@ -290,7 +288,7 @@ class Supervisor:
                 log.error("not sending WATCHDOG=1: %s", text)
         if verdict.exit_code is not None:
             self.exit_code = verdict.exit_code
-            if verdict.exit_reason == "every worker failed":
+            if verdict.all_failed:
                 log.error("every worker has been given up: %s", text)
             self.request_stop(verdict.exit_reason)
         self._snapshot = status_document(

@@ -58,6 +58,8 @@ class Verdict:
     exit_code: ExitCode | None
     """Stop the service with this code (None: keep going)."""
     exit_reason: str
+    all_failed: bool
+    """Every worker was given up."""
     sent: Sent
 
 
@@ -84,7 +86,8 @@ def readiness(now: float, workers: list[WorkerView], settings: Settings, sent: S
 
     exit_code: ExitCode | None = None
     exit_reason = ""
-    if workers and all(w.failed for w in workers):
+    all_failed = bool(workers) and all(w.failed for w in workers)
+    if all_failed:
         bad_config = all(w.failed_for_config for w in workers)
         exit_code = ExitCode.CONFIG if bad_config else ExitCode.SERVICE_FAILED
         exit_reason = "every worker failed"
@@ -95,4 +98,4 @@ def readiness(now: float, workers: list[WorkerView], settings: Settings, sent: S
                        f"{settings.unready_grace:g} s")
     return Verdict(ready=ready, serving=serving, send_ready=send_ready, healthy=healthy,
                    became_unready=became_unready, exit_code=exit_code,
-                   exit_reason=exit_reason, sent=sent)
+                   exit_reason=exit_reason, all_failed=all_failed, sent=sent)

@@ -70,10 +70,7 @@ async def _apply(supervisor: Supervisor) -> bool | None:
     supervisor.config = new
     supervisor.write_effective_config()
     for handle in supervisor.handles:
-        handle.policy.initial = new.workers.restart_backoff
-        handle.policy.maximum = new.workers.restart_backoff_max
-        handle.policy.max_restarts = new.workers.crash_loop_restarts
-        handle.policy.window = new.workers.crash_loop_window
+        handle.policy.retune(new.workers)
     supervisor.metrics.workers_desired.set(new.workers.count)
     supervisor.metrics.min_ready.set(new.min_ready)
     logging.getLogger().setLevel(new.logging.level.upper())

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dynamo_vllm.contract.protocol import ExitCode
+from dynamo_vllm.contract.settings import WorkersSection
 from dynamo_vllm.supervisor.phases import RestartReason
 
 # Exit codes after which restarting cannot help, or was not wanted.
@@ -48,6 +49,16 @@ class RestartPolicy:
     rng: random.Random = field(default_factory=random.Random)
     _recent: deque[float] = field(default_factory=deque)
     _failures_in_a_row: int = 0
+
+    @classmethod
+    def of(cls, workers: WorkersSection) -> RestartPolicy:
+        return cls(initial=workers.restart_backoff, maximum=workers.restart_backoff_max,
+                   max_restarts=workers.crash_loop_restarts, window=workers.crash_loop_window)
+
+    def retune(self, workers: WorkersSection) -> None:
+        """New limits from a reloaded config; the failures seen so far still count."""
+        self.initial, self.maximum = workers.restart_backoff, workers.restart_backoff_max
+        self.max_restarts, self.window = workers.crash_loop_restarts, workers.crash_loop_window
 
     def record_failure(self) -> None:
         now = self.clock()

@@ -172,6 +172,7 @@ def _carry_on(handle: WorkerHandle, service: Service, code: int | None,
 async def start(handle: WorkerHandle, service: Service) -> None:
     """Restore the worker from its checkpoint when there is one, else spawn it cold."""
     chrek = service.chrek
+    extra_env: dict[str, str] = {}
     if chrek is not None:
         if chrek.can_restore(handle.spec):
             try:
@@ -183,8 +184,8 @@ async def start(handle: WorkerHandle, service: Service) -> None:
                 if handle.phase is Phase.RESTORING:
                     handle.exited(None, f"restore failed: {exc}")
                 await handle.clean_up_group(grace=2.0)
-        handle.spec.extra_env = chrek.spawn_env(handle.spec)
-    await handle.spawn(dict(os.environ))
+        extra_env = chrek.spawn_env(handle.spec)
+    await handle.spawn(dict(os.environ), extra_env)
     if chrek is not None:
         chrek.started(handle)
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from dynamo_vllm.contract.discovery.backends import DiscoveryBackend, DiscoveryUnavailable
-from dynamo_vllm.contract.protocol import WorkerState
+from dynamo_vllm.contract.protocol import ExitCode, WorkerState
 from dynamo_vllm.supervisor import metric_files
 from dynamo_vllm.supervisor import shm as shared_memory
 from dynamo_vllm.supervisor.phases import LIVE, Phase, RestartReason, check_transition
@@ -199,6 +199,11 @@ class WorkerHandle:
         return self.phase is Phase.FAILED
 
     @property
+    def failed_for_config(self) -> bool:
+        """Given up because the worker said its config is wrong (exit 78)."""
+        return self.failed and self.last_exit_code == ExitCode.CONFIG
+
+    @property
     def loading(self) -> bool:
         """Coming up: spawned, restored, or loading its model (start_timeout applies)."""
         return self.phase in (Phase.STARTING, Phase.RESTORING) or (
@@ -252,7 +257,11 @@ class WorkerHandle:
                      self.name, removed)
         return removed
 
-    async def spawn(self, base_env: dict[str, str]) -> None:
+    async def spawn(self, base_env: dict[str, str],
+                    extra_env: dict[str, str] | None = None) -> None:
+        """Start the worker cold; `extra_env` is what the checkpoint coordinator tells this
+        life (its control directory, snapshot mode)."""
+        self.spec.extra_env = dict(extra_env or {})
         self.fresh_metrics_dir()
         proc = await asyncio.create_subprocess_exec(
             *self.spec.command(),

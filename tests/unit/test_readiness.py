@@ -66,7 +66,8 @@ def test_without_a_watchdog_the_supervisor_exits_when_unhealthy() -> None:
 def test_every_worker_given_up_stops_the_service(workers: list[WorkerView],
                                                  code: ExitCode) -> None:
     verdict = readiness(0.0, workers, WATCHED, Sent(ready_sent=True))
-    assert verdict.exit_code is code and verdict.exit_reason == "every worker failed"
+    assert verdict.exit_code is code and verdict.all_failed
+    assert verdict.exit_reason == "every worker failed"
 
 
 def test_the_verdict_does_not_change_its_input() -> None:
