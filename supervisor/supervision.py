@@ -181,8 +181,6 @@ async def start(handle: WorkerHandle, service: Service) -> None:
                 return
             except CheckpointError as exc:
                 chrek.restore_failed(handle, exc)
-                if handle.phase is Phase.RESTORING:
-                    handle.exited(None, f"restore failed: {exc}")
                 await handle.clean_up_group(grace=2.0)
         extra_env = chrek.spawn_env(handle.spec)
     await handle.spawn(dict(os.environ), extra_env)
