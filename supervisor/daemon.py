@@ -248,12 +248,16 @@ class Supervisor:
                 self._zombies = reap_orphans(self.handles, self._zombies)
             await self.pause(TICK_S)
 
+    def status_line(self, now: float) -> str:
+        """What STATUS= says now (report.status_text, with the last checkpoint event)."""
+        event = (self.chrek.last_event, self.chrek.last_event_at) if self.chrek else None
+        return status_text(self.handles, now, event)
+
     def _tick(self) -> None:
         now = time.monotonic()
         for handle in self.handles:
             self.metrics.set_worker_state(handle.name, handle.state)
-        event = (self.chrek.last_event, self.chrek.last_event_at) if self.chrek else None
-        text = status_text(self.handles, now, event)
+        text = self.status_line(now)
         interval = self.notifier.watchdog_interval
         verdict = readiness(
             now,

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from dynamo_vllm.contract import config as config_module
 from dynamo_vllm.contract.config import worker_view
 from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
-from dynamo_vllm.supervisor.report import status_text
 from dynamo_vllm.supervisor.startup import StartupError
 from dynamo_vllm.supervisor.worker_process import WorkerSpec
 
@@ -30,8 +29,9 @@ ROLL_POLL_S = 0.5
 
 
 async def reload(supervisor: Supervisor) -> None:
-    """SIGHUP: apply the config file again. Always ends with READY=1 and a STATUS= that
-    says whether the reload was refused, failed, or done."""
+    """SIGHUP: apply the config file again. Ends with READY=1 and a STATUS= that says
+    whether the reload was refused, failed, or done (unless the service stops meanwhile:
+    then STOPPING=1 follows instead)."""
     supervisor.notifier.reloading("reloading the config")
     try:
         rolled = await _apply(supervisor)
@@ -47,9 +47,9 @@ async def reload(supervisor: Supervisor) -> None:
         return
     if rolled is None:
         return
-    text = status_text(supervisor.handles, time.monotonic())
-    supervisor.notifier.ready(text)
+    supervisor.notifier.ready(supervisor.status_line(time.monotonic()))
     log.info("reload done%s", " (workers rolled)" if rolled else "")
+
 
 async def _apply(supervisor: Supervisor) -> bool | None:
     """Apply the config file again; True when the workers rolled, None when the
