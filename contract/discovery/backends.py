@@ -105,7 +105,8 @@ class FileBackend(NoBackend):
 
     async def records(self) -> list[dict[str, Any]]:
         assert self.directory is not None
-        return read_records(self.directory)
+        # Off the loop: it reads files, and the supervisor's loop pings the watchdog.
+        return await asyncio.to_thread(read_records, self.directory)
 
     async def delete(self, worker: int) -> None:
         assert self.directory is not None
