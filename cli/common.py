@@ -78,12 +78,8 @@ def supervisor_get(target: str, path: str, timeout: float) -> dict:
 
 
 def worker_urls(cfg: config_module.Config, worker: int | None) -> list[tuple[int, str]]:
-    indices = range(cfg.workers.count) if worker is None else [worker]
-    if worker is not None and not 0 <= worker < cfg.workers.count:
-        raise click.BadParameter(f"the instance has workers 0 to {cfg.workers.count - 1}",
-                                 param_hint="--worker")
     host = local_host(cfg.workers.host)
-    return [(i, f"http://{host}:{cfg.worker_port(i)}") for i in indices]
+    return [(i, f"http://{host}:{cfg.worker_port(i)}") for i in worker_indices(cfg, worker)]
 
 
 def token_or_exit(cfg: config_module.Config) -> str | None:

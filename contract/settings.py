@@ -93,16 +93,14 @@ class ModelSection:
 @dataclass(frozen=True)
 class WorkersSection:
     count: int = _setting(1, "Worker processes (data-parallel replicas), one vLLM engine each.",
-                          _positive,
-                 scope=Scope.SUPERVISOR)
+                          _positive, scope=Scope.SUPERVISOR)
     host: str = _setting("127.0.0.1", "Address the workers' HTTP APIs bind to "
                                       "(loopback: local only).")
     base_port: int = _setting(8100, "Worker i listens on base_port + i.", _port)
     gpus_per_worker: int = _setting(0, "GPUs given to each worker (0: the CPU engine).",
                                     _non_negative)
     min_ready: int = _setting(0, "Workers that must serve for the instance to be ready "
-                                 "(0: all of them).", _non_negative,
-                 scope=Scope.SUPERVISOR)
+                                 "(0: all of them).", _non_negative, scope=Scope.SUPERVISOR)
     drain_timeout: float = _setting(30.0, "Seconds a stopping worker lets requests in flight "
                                           "finish before it stops the engine.", _non_negative)
     control_from_network: bool = _setting(False, "Let clients that are not on loopback call "
@@ -113,10 +111,10 @@ class WorkersSection:
                                        _absolute_or_empty)
     stop_timeout: float = _setting(90.0, "Seconds the supervisor waits for a stopping worker "
                                          "before it kills its process group.", _positive,
-                 scope=Scope.SUPERVISOR)
+                                   scope=Scope.SUPERVISOR)
     start_timeout: float = _setting(900.0, "Seconds a worker may take to serve before it "
                                            "counts as failed to start.", _positive,
-                 scope=Scope.SUPERVISOR)
+                                    scope=Scope.SUPERVISOR)
     python: str = _setting("", "Interpreter for the workers; default: the engine venv's "
                                "(dynamo-vllm engine install) if there is one, else the "
                                "supervisor's own.")
@@ -124,15 +122,13 @@ class WorkersSection:
                                _gpu_list)
     restart_backoff: float = _setting(1.0, "First delay before restarting a failed worker; "
                                            "doubles on each failure, with jitter.", _positive,
-                 scope=Scope.SUPERVISOR)
+                                      scope=Scope.SUPERVISOR)
     restart_backoff_max: float = _setting(60.0, "Longest delay between restarts.", _positive,
-                 scope=Scope.SUPERVISOR)
+                                          scope=Scope.SUPERVISOR)
     crash_loop_restarts: int = _setting(5, "Restarts within crash_loop_window after which a "
-                                           "worker is given up.", _positive,
-                 scope=Scope.SUPERVISOR)
+                                           "worker is given up.", _positive, scope=Scope.SUPERVISOR)
     crash_loop_window: float = _setting(300.0, "Seconds over which restarts are counted.",
-                                        _positive,
-                 scope=Scope.SUPERVISOR)
+                                        _positive, scope=Scope.SUPERVISOR)
 
 
 @dataclass(frozen=True)
@@ -155,13 +151,12 @@ class HealthSection:
     payload: dict[str, Any] = _setting(None, "Canary request: {prompt = \"...\"} or "
                                              "{token_ids = [...]}; default: the BOS token.")
     poll_interval: float = _setting(2.0, "Seconds between the supervisor's polls of each "
-                                         "worker's /health.", _positive,
-                 scope=Scope.SUPERVISOR)
+                                         "worker's /health.", _positive, scope=Scope.SUPERVISOR)
     poll_timeout: float = _setting(5.0, "Seconds a /health poll may take.", _positive,
-                 scope=Scope.SUPERVISOR)
+                                   scope=Scope.SUPERVISOR)
     poll_failures: int = _setting(3, "Polls in a row without an answer after which a worker "
                                      "counts as hung and is killed.", _positive,
-                 scope=Scope.SUPERVISOR)
+                                  scope=Scope.SUPERVISOR)
 
 
 @dataclass(frozen=True)
@@ -169,17 +164,15 @@ class WatchdogSection:
     unready_grace: float = _setting(120.0, "Seconds below min_ready serving workers (after the "
                                            "first READY) before the supervisor stops sending "
                                            "WATCHDOG=1, so systemd restarts the service.",
-                                    _positive,
-                 scope=Scope.SUPERVISOR)
+                                    _positive, scope=Scope.SUPERVISOR)
 
 
 @dataclass(frozen=True)
 class MetricsSection:
     host: str = _setting("127.0.0.1", "Address of the supervisor's /metrics and /status "
-                                      "(loopback: local only).",
-                 scope=Scope.SUPERVISOR)
+                                      "(loopback: local only).", scope=Scope.SUPERVISOR)
     port: int = _setting(9400, "Port of the supervisor's /metrics and /status.", _port,
-                 scope=Scope.SUPERVISOR)
+                         scope=Scope.SUPERVISOR)
     namespace: str = _setting("dynamo", "Value of the dynamo_namespace label.")
     component: str = _setting("backend", "Value of the dynamo_component label.")
     endpoint: str = _setting("generate", "Value of the dynamo_endpoint label.")
@@ -279,20 +272,17 @@ class CheckpointSection:
     store: str = _setting("", "Directory of the checkpoints (default: $STATE_DIRECTORY/"
                               "checkpoints under systemd, else <runtime dir>/checkpoints). "
                               "Private to the service user.", _absolute_or_empty,
-                 scope=Scope.SUPERVISOR)
+                          scope=Scope.SUPERVISOR)
     keep: int = _setting(2, "Complete checkpoints kept; older ones are removed.", _keep,
-                 scope=Scope.SUPERVISOR)
+                         scope=Scope.SUPERVISOR)
     auto: bool = _setting(True, "Take a checkpoint after a cold start when none is stored for "
-                                "the worker's current hash.",
-                 scope=Scope.SUPERVISOR)
+                                "the worker's current hash.", scope=Scope.SUPERVISOR)
     restore: bool = _setting(True, "Restore at start when a checkpoint for the current hash "
-                                   "is stored.",
-                 scope=Scope.SUPERVISOR)
+                                   "is stored.", scope=Scope.SUPERVISOR)
     criu: str = _setting("criu", "The CRIU binary (4.2 or newer on kernels from 6.16).",
-                 scope=Scope.SUPERVISOR)
+                         scope=Scope.SUPERVISOR)
     criu_libdir: str = _setting("", "CRIU plugin directory (the CUDA plugin on GPUs); empty: "
-                                    "CRIU's default.", _absolute_or_empty,
-                 scope=Scope.SUPERVISOR)
+                                    "CRIU's default.", _absolute_or_empty, scope=Scope.SUPERVISOR)
     timeout: float = _setting(600.0, "Seconds a dump or a restore may take; a worker waiting "
                                      "for its checkpoint resumes serving after this long.",
                               _positive)
@@ -305,7 +295,7 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class LoggingSection:
     level: str = _setting("info", "debug, info, warning or error.", _log_level,
-                 scope=Scope.EVERYWHERE)
+                          scope=Scope.EVERYWHERE)
 
 
 SECTIONS: dict[str, type] = {
