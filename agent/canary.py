@@ -21,6 +21,7 @@ from dynamo_vllm.agent.monitor import FailureHandler
 from dynamo_vllm.agent.status import WorkerStatus
 from dynamo_vllm.contract.payload import HealthPayload
 from dynamo_vllm.contract.protocol import CANARY_REQUEST_PREFIX, ExitCode, WorkerState
+from dynamo_vllm.contract.settings import HealthSection as HealthSettings
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +96,19 @@ class Canary:
                                 f"engine hung: {self.status.canary_failures} canary requests "
                                 f"failed, last: {detail}")
                 return
+
+
+def engine_canary(engine: Any, config: HealthSettings, payload: HealthPayload,
+                  bos_token_id: int | None, status: WorkerStatus, gauges: EngineGauges,
+                  on_failure: FailureHandler) -> Canary:
+    """A canary that sends the payload through `engine` (vLLM's `AsyncLLM`)."""
+    from vllm import SamplingParams
+
+    def generate(prompt: Any, max_tokens: int, temperature: float,
+                 request_id: str) -> AsyncIterator[Any]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        stream: AsyncIterator[Any] = engine.generate(prompt, params, request_id=request_id)
+        return stream
+
+    return Canary(generate, status, payload, bos_token_id, config.canary_idle,
+                  config.canary_timeout, config.canary_failures, gauges, on_failure)

@@ -8,6 +8,7 @@ expect. Whatever vLLM refuses becomes an `EngineConfigError` naming the argument
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import time
@@ -22,8 +23,11 @@ class EngineConfigError(Exception):
     """vLLM refused the engine arguments, or the engine cannot start with them."""
 
 
-def serve_args(config: Config, index: int) -> argparse.Namespace:
-    """vLLM's serve namespace for worker `index`, validated by vLLM's parser."""
+def serve_args(config: Config, index: int,
+               kv_events_endpoint: str | None = None) -> argparse.Namespace:
+    """vLLM's serve namespace for worker `index`, validated by vLLM's parser. With
+    `kv_events_endpoint`, vLLM publishes its KV cache events there (Dynamo's KV router), unless
+    the [engine] table sets kv_events_config itself."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -39,6 +43,10 @@ def serve_args(config: Config, index: int) -> argparse.Namespace:
         "--port", str(config.worker_port(index)),
         *engine_cli_args(config.engine),
     ]
+    if kv_events_endpoint and "kv_events_config" not in config.engine:
+        argv += ["--kv-events-config", json.dumps({
+            "enable_kv_cache_events": True, "publisher": "zmq",
+            "endpoint": kv_events_endpoint, "topic": "kv-events"})]
     parser = make_arg_parser(RaisingParser(prog="dynamo-vllm worker"))
     args = parser.parse_args(argv)
     try:

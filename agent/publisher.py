@@ -1,15 +1,16 @@
 """A vLLM stat-logger factory that publishes the engine gauges and marks engine progress.
 
 vLLM calls `factory(vllm_config, engine_index)` once per data-parallel engine of the
-`AsyncLLM`; the rank this worker publishes for gets an `EnginePublisher`, the others a
-`NullStatLogger`. `record()` runs on the front-end's output handler after every engine
-step, which also makes it the cheapest proof that the engine is making progress.
+`AsyncLLM`; every rank gets an `EnginePublisher` (its gauges carry the rank), which also
+hands the load to Dynamo's router when the worker is a Dynamo member. `record()` runs on the
+front-end's output handler after every engine step, which also makes it the cheapest proof
+that the engine is making progress.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -19,24 +20,17 @@ from dynamo_vllm.agent.status import WorkerStatus
 log = logging.getLogger(__name__)
 
 
-class NullStatLogger(StatLoggerBase):
-    """For engines of other ranks. vLLM declares `__init__` abstract, so it is spelled out."""
+class LoadSink(Protocol):
+    """Where a rank's KV cache usage goes after every engine step (Dynamo's router)."""
 
-    def __init__(self, vllm_config: Any, engine_index: int = 0):
-        self.engine_index = engine_index
-
-    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-               engine_idx: int = 0, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_engine_initialized(self) -> None:
-        pass
+    def publish_load(self, dp_rank: int, cache_usage: float) -> None: ...
 
 
 class EnginePublisher(StatLoggerBase):
     def __init__(self, vllm_config: Any, engine_index: int, gauges: EngineGauges,
-                 status: WorkerStatus):
+                 status: WorkerStatus, load: LoadSink | None = None):
         self.vllm_config = vllm_config
+        self.load = load
         self.dp_rank = engine_index
         self.gauges = gauges
         self.status = status
@@ -59,10 +53,13 @@ class EnginePublisher(StatLoggerBase):
             return
         if self.total_blocks is None:
             self.total_blocks = self._read_total_blocks()
+        usage = float(scheduler_stats.kv_cache_usage)
+        if self.load is not None:
+            self.load.publish_load(self.dp_rank, usage)
         self.gauges.set_engine(
             self.dp_rank,
             total_blocks=self.total_blocks,
-            cache_usage=float(scheduler_stats.kv_cache_usage),
+            cache_usage=usage,
             running=int(scheduler_stats.num_running_reqs),
             waiting=int(scheduler_stats.num_waiting_reqs),
         )
@@ -71,17 +68,13 @@ class EnginePublisher(StatLoggerBase):
 class StatLoggerFactory:
     """Callable handed to `AsyncLLM(stat_loggers=[...])`; vLLM wraps it per engine."""
 
-    def __init__(self, gauges: EngineGauges, status: WorkerStatus):
+    def __init__(self, gauges: EngineGauges, status: WorkerStatus, load: LoadSink | None = None):
         self.gauges = gauges
         self.status = status
+        self.load = load
         self.created: dict[int, StatLoggerBase] = {}
 
     def __call__(self, vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:
-        own_rank = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
-        logger: StatLoggerBase
-        if engine_index == own_rank:
-            logger = EnginePublisher(vllm_config, engine_index, self.gauges, self.status)
-        else:
-            logger = NullStatLogger(vllm_config, engine_index)
+        logger = EnginePublisher(vllm_config, engine_index, self.gauges, self.status, self.load)
         self.created[engine_index] = logger
         return logger

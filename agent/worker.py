@@ -16,8 +16,9 @@ import signal
 import time
 from typing import Any
 
-from dynamo_vllm.agent.canary import Canary
+from dynamo_vllm.agent.canary import engine_canary
 from dynamo_vllm.agent.control import ControlRoutes
+from dynamo_vllm.agent.dynamo_member import DynamoMember, health_tokens
 from dynamo_vllm.agent.engine import (
     EngineConfigError,
     EngineStartError,
@@ -84,6 +85,8 @@ class Worker:
                                      lora=self.lora, token=token)
         if snapshot is not None:
             self.control.snapshot = self.request_snapshot
+        self.dynamo = DynamoMember(config, index, lambda: self.status.serving) \
+            if config.dynamo.enabled else None
 
     def _discovery(self) -> Discovery:
         backend = backend_for(self.config, self.instance, os.environ.get(Env.DISCOVERY_DIR))
@@ -100,6 +103,8 @@ class Worker:
 
     async def register(self) -> None:
         await self.discovery.register(self._record())
+        if self.dynamo is not None:
+            await self.dynamo.register()
 
     async def _republish(self) -> None:
         """The record changed (adapters): publish it again if the worker is published."""
@@ -111,6 +116,8 @@ class Worker:
 
     async def unregister(self) -> None:
         try:
+            if self.dynamo is not None:
+                await self.dynamo.unregister()
             await self.discovery.unregister()
         except Exception as exc:  # never let discovery stop a shutdown
             log.error("unregistering from discovery failed: %s", exc)
@@ -161,10 +168,10 @@ class Worker:
         log.info("worker %d loading %s; health at http://%s:%d/health", self.index,
                  config.model.path, config.workers.host, self.port)
 
-        factory = StatLoggerFactory(self.gauges, self.status)
+        factory = StatLoggerFactory(self.gauges, self.status, self.dynamo)
 
         def prepare_and_start() -> tuple[Any, Any, float]:
-            args = serve_args(config, self.index)
+            args = serve_args(config, self.index, self.dynamo.kv_events if self.dynamo else None)
             engine, seconds = start_engine(engine_args_from(args), [factory])
             return args, engine, seconds
 
@@ -210,7 +217,6 @@ class Worker:
 
     async def _serve(self, engine: Any, load_seconds: float, args: Any, app: WorkerApp,
                      server: Any, serve_task: asyncio.Task[None]) -> None:
-        from vllm import SamplingParams
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.app import build_app
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -241,10 +247,13 @@ class Worker:
                 engine, self.status, self._set_state, self.register, self.unregister,
                 inflight=config.sleep.inflight, drain_timeout=config.sleep.drain_timeout,
                 memory_release=bool(getattr(engine.model_config, "enable_sleep_mode", False)),
-                admitted=lambda: app.inflight)
+                admitted=lambda: app.inflight + (self.dynamo.inflight if self.dynamo else 0))
             if self.snapshot is not None and self.snapshot.at_start and self.exit_code is None:
                 await self._snapshot_at_start(engine)
             if self.exit_code is None:
+                if self.dynamo is not None:
+                    await self.dynamo.start(engine, self.control.controller,
+                                            health_tokens(config, engine), app.identity)
                 self._set_state(WorkerState.SERVING, f"serving {config.served_name}")
                 await self.register()
             log.info("worker %d serving %s at http://%s:%d/v1 (engine started in %.1f s)",
@@ -255,15 +264,8 @@ class Worker:
             watchers = [asyncio.create_task(monitor.run(), name="engine-monitor")]
             self._watch(watchers[0], "engine monitor")
             if config.health.canary:
-                def generate(prompt: Any, max_tokens: int, temperature: float,
-                             request_id: str) -> Any:
-                    params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-                    return engine.generate(prompt, params, request_id=request_id)
-
-                canary = Canary(generate, self.status, config.health_payload,
-                                bos_token_id(engine), config.health.canary_idle,
-                                config.health.canary_timeout, config.health.canary_failures,
-                                self.gauges, self.fail)
+                canary = engine_canary(engine, config.health, config.health_payload,
+                                       bos_token_id(engine), self.status, self.gauges, self.fail)
                 watchers.append(asyncio.create_task(canary.run(), name="canary"))
                 self._watch(watchers[1], "canary")
 
@@ -276,6 +278,8 @@ class Worker:
                 self._snapshot_task.cancel()
             # Out of discovery first, so no new request is routed here while we go.
             await self.unregister()
+            if self.dynamo is not None:
+                await self.dynamo.close()
             for watcher in watchers:
                 watcher.cancel()
             if self.exit_code is ExitCode.STOPPED:

@@ -90,15 +90,24 @@ def config() -> None:
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write here instead of standard output.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--dynamo", is_flag=True,
+              help="Join Dynamo's runtime: the workers serve Dynamo's frontend and KV router.")
+@click.option("--dynamo-kv", metavar="DIR", default=None,
+              help="Directory of Dynamo's file discovery, shared with the frontend "
+                   "(with --dynamo; default /var/lib/dynamo-vllm/dynamo-kv).")
 def config_init(name: str, model: str, workers: int, port: int, output: Path | None,
-                force: bool) -> None:
+                force: bool, dynamo: bool, dynamo_kv: str | None) -> None:
     """Write a commented config for instance NAME that works on this machine.
 
     Without a GPU it chooses the CPU engine, eager mode and a KV cache that fits.
     """
-    from dynamo_vllm.tools.config_init import render, write
+    from dynamo_vllm.tools.config_init import DEFAULT_DYNAMO_KV, render, write
 
-    text = render(name, model, workers=workers, port=port)
+    if dynamo_kv is not None and not dynamo:
+        raise click.UsageError("--dynamo-kv goes with --dynamo")
+    kv = (str(Path(dynamo_kv).resolve()) if dynamo_kv else DEFAULT_DYNAMO_KV) if dynamo \
+        else None
+    text = render(name, model, workers=workers, port=port, dynamo_kv=kv)
     if output is None:
         click.echo(text, nl=False)
         return

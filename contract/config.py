@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from dynamo_vllm.contract.dynamo_env import dynamo_overrides
 from dynamo_vllm.contract.payload import (
     HealthPayload,
     PayloadError,
@@ -32,6 +33,7 @@ from dynamo_vllm.contract.settings import (
     SECTIONS,
     CheckpointSection,
     DiscoverySection,
+    DynamoSection,
     HealthSection,
     LoggingSection,
     LoraSection,
@@ -47,9 +49,10 @@ from dynamo_vllm.contract.settings import (
 
 __all__ = [
     "DEFAULT_ETCD_ENDPOINT", "SECTIONS", "CheckpointSection", "Config", "ConfigError",
-    "DiscoverySection", "HealthSection", "LoggingSection", "LoraSection", "MetricsSection",
-    "ModelSection", "Scope", "SleepSection", "WatchdogSection", "WorkersSection", "apply_env",
-    "engine_cli_args", "from_dict", "load", "scope_of", "worker_view",
+    "DiscoverySection", "DynamoSection", "HealthSection", "LoggingSection", "LoraSection",
+    "MetricsSection", "ModelSection", "Scope", "SleepSection", "WatchdogSection",
+    "WorkersSection", "apply_env", "engine_cli_args", "from_dict", "load", "scope_of",
+    "worker_view",
 ]
 
 
@@ -82,6 +85,7 @@ class Config:
     sleep: SleepSection
     lora: LoraSection
     checkpoint: CheckpointSection
+    dynamo: DynamoSection
     logging: LoggingSection
     engine: dict[str, Any]
     """vLLM engine arguments, passed through as `--key value` (vLLM validates them)."""
@@ -308,7 +312,11 @@ def apply_env(config: Config, environ: Mapping[str, str]) -> Config:
                        "checkpoints")
         if open_routes not in warnings:
             warnings.append(open_routes)
-    return replace(config, health=health, discovery=discovery, warnings=tuple(warnings))
+    dynamo, metrics, problems = dynamo_overrides(config.dynamo, config.metrics, environ)
+    if problems:
+        raise ConfigError(problems)
+    return replace(config, health=health, discovery=discovery, dynamo=dynamo, metrics=metrics,
+                   warnings=tuple(warnings))
 
 
 def from_dict(raw: Mapping[str, Any], source: str = "", check_paths: bool = True) -> Config:

@@ -147,6 +147,13 @@ class Env:
     # Ours: the control directory of a worker that may be asked for a checkpoint while it
     # serves (POST /engine/snapshot); snapshot mode at start needs DYN_SNAPSHOT_CONTROL_DIR.
     CONTROL_DIR = "DYNAMO_VLLM_CONTROL_DIR"
+    # Dynamo's runtime (the [dynamo] section): the names Dynamo's own components read, so a
+    # worker and `python -m dynamo.frontend` started with one environment find each other.
+    DYN_NAMESPACE = "DYN_NAMESPACE"
+    DYN_DISCOVERY_BACKEND = "DYN_DISCOVERY_BACKEND"
+    DYN_FILE_KV = "DYN_FILE_KV"
+    DYN_REQUEST_PLANE = "DYN_REQUEST_PLANE"
+    DYN_EVENT_PLANE = "DYN_EVENT_PLANE"
     # Set for every engine process: no telemetry leaves the machine, and vLLM's message
     # queue binds to loopback unless the operator says otherwise.
     ENGINE_DEFAULTS: Final[Mapping[str, str]] = MappingProxyType({

@@ -292,6 +292,36 @@ class CheckpointSection:
                                           "from restore-context.json.", _env_names)
 
 
+def _one_of(*allowed: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in allowed else "must be " + " or ".join(f'"{a}"' for a in allowed)
+    return check
+
+
+@dataclass(frozen=True)
+class DynamoSection:
+    enabled: bool = _setting(False, "Register every worker with Dynamo's runtime: it serves "
+                                    "`generate` to Dynamo's frontend and KV router beside its "
+                                    "own OpenAI port. Names: metrics.namespace, .component, "
+                                    ".endpoint.")
+    discovery_backend: str = _setting("file", "Dynamo's discovery: \"file\" (one machine) or "
+                                              "\"etcd\" (discovery.etcd_endpoints); env "
+                                              "DYN_DISCOVERY_BACKEND overrides.",
+                                      _one_of("file", "etcd"))
+    file_kv: str = _setting("", "Directory of Dynamo's file discovery, shared with the "
+                                "frontend (default: Dynamo's, $TMPDIR/dynamo_store_kv); env "
+                                "DYN_FILE_KV overrides.", _absolute_or_empty)
+    request_plane: str = _setting("tcp", "Dynamo's request plane (tcp: no NATS); env "
+                                         "DYN_REQUEST_PLANE overrides.", _one_of("tcp"))
+    event_plane: str = _setting("zmq", "Dynamo's event plane for KV events and load (zmq: no "
+                                       "NATS); env DYN_EVENT_PLANE overrides.", _one_of("zmq"))
+    host: str = _setting("127.0.0.1", "Address the runtime's request and event planes bind "
+                                      "and advertise (loopback: one machine; a fleet needs "
+                                      "this node's address).")
+    kv_events: bool = _setting(True, "Relay vLLM's KV cache events to Dynamo's KV router "
+                                     "(needs prefix caching, vLLM's default).")
+
+
 @dataclass(frozen=True)
 class LoggingSection:
     level: str = _setting("info", "debug, info, warning or error.", _log_level,
@@ -308,5 +338,6 @@ SECTIONS: dict[str, type] = {
     "sleep": SleepSection,
     "lora": LoraSection,
     "checkpoint": CheckpointSection,
+    "dynamo": DynamoSection,
     "logging": LoggingSection,
 }

@@ -68,15 +68,23 @@ _ENGINE_DOC = """\
 # vLLM validates them when a worker starts; a refused argument is a config error."""
 
 
+# Where `config init --dynamo` puts Dynamo's file discovery: the unit's StateDirectory,
+# writable under ProtectSystem=strict and seen by a frontend outside the unit's private /tmp.
+DEFAULT_DYNAMO_KV = "/var/lib/dynamo-vllm/dynamo-kv"
+
+
 def render(name: str, model: str, workers: int = 1, port: int = 8100,
-           gpus: int | None = None) -> str:
-    """The text of a commented config file for one instance."""
+           gpus: int | None = None, dynamo_kv: str | None = None) -> str:
+    """The text of a commented config file for one instance; with `dynamo_kv`, the workers
+    join Dynamo's runtime with file discovery in that directory."""
     gpus = count_gpus() if gpus is None else gpus
     gpus_per_worker = max(1, gpus // max(workers, 1)) if gpus else 0
     values: dict[str, dict[str, Any]] = {
         "model": {"path": str(Path(model).resolve()), "served_name": name},
         "workers": {"count": workers, "base_port": port, "gpus_per_worker": gpus_per_worker},
     }
+    if dynamo_kv is not None:
+        values["dynamo"] = {"enabled": True, "file_kv": dynamo_kv}
     lines = [f"# dynamo-vllm instance {name!r}: written by `dynamo-vllm config init`.",
              "# Check it with `dynamo-vllm config check FILE`. Commented keys show defaults.",
              ""]

