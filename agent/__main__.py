@@ -16,6 +16,7 @@ import sys
 import tempfile
 from typing import NoReturn
 
+from dynamo_vllm.agent.chrek_env import checkpoint_already_taken
 from dynamo_vllm.agent.snapshot import (
     SnapshotConfigError,
     SnapshotSettings,
@@ -89,6 +90,10 @@ def run(config_path: str, index: int = 0, debug: bool = False) -> NoReturn:
                                      config.checkpoint.sleep_level, config.checkpoint.env_allow)
     except SnapshotConfigError as exc:
         _exit(_config_error(exc.errors))
+    if snapshot and snapshot.env_protocol and checkpoint_already_taken(snapshot.env_protocol):
+        log.info("worker %d: the checkpoint at %s is taken already (checkpoint.done); exiting",
+                 index, snapshot.env_protocol.location)
+        _exit(ExitCode.CHECKPOINTED)
     capture_env = set_capture_env(os.environ) if snapshot and snapshot.at_start else {}
     code: int
     try:

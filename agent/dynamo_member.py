@@ -25,6 +25,7 @@ from typing import Any
 
 from dynamo_vllm.agent.dynamo_requests import (
     ChunkBuilder,
+    RequestError,
     error_chunk,
     prompt_tokens,
     sampling_kwargs,
@@ -33,6 +34,7 @@ from dynamo_vllm.agent.engine import bos_token_id
 from dynamo_vllm.agent.lifecycle import SleepController
 from dynamo_vllm.contract.config import Config
 from dynamo_vllm.contract.dynamo_env import runtime_environment
+from dynamo_vllm.contract.gate import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,25 @@ def health_tokens(config: Config, engine: Any) -> list[int]:
     return list(payload.resolve_tokens(bos_token_id(engine)))
 
 
+def control_allowed(config: Config) -> bool:
+    """Whether the state-changing endpoints go on the request plane: always on loopback; on a
+    network address only when the operator opened control to the network without a token
+    (Dynamo's requests cannot carry one)."""
+    if is_loopback(config.dynamo.host):
+        return True
+    return config.workers.control_from_network and not config.workers.control_token_file
+
+
 class DynamoMember:
-    def __init__(self, config: Config, index: int, accepting: Callable[[], bool]):
+    def __init__(self, config: Config, index: int, accepting: Callable[[], bool],
+                 adapters: Callable[[], dict[str, Any]] = dict):
         self.config = config
         self.index = index
         self.accepting = accepting
+        # The LoRA adapters vLLM serves, by name (its LoRARequests); each gets a model card.
+        self.adapters = adapters
+        self.adapter_cards: set[str] = set()
+        self.block_size = 0
         self.inflight = 0
         self.registered = False
         self.runtime: Any = None
@@ -81,7 +97,7 @@ class DynamoMember:
                     identity: dict[str, Any]) -> None:
         """Join the runtime and register the model: call once the engine serves. The
         instance id goes into `identity` (the worker's /health), as discovery names it."""
-        from dynamo.llm import ModelRuntimeConfig, WorkerType, register_model
+        from dynamo.llm import ModelInput, ModelType, WorkerType, register_model
         from dynamo.runtime import DistributedRuntime
 
         self.engine, self.controller = engine, controller
@@ -100,6 +116,36 @@ class DynamoMember:
         await self._start_load_publisher()
         self._start_kv_publishers(int(cache.block_size), vllm_config)
 
+        self.block_size = int(cache.block_size)
+        await register_model(
+            ModelInput.Tokens, ModelType.Chat | ModelType.Completions, self.generate_endpoint,
+            self.config.model.path, self.config.served_name,
+            worker_type=WorkerType.Aggregated, kv_cache_block_size=self.block_size,
+            runtime_config=self._runtime_config())
+        labels = [("model", self.config.served_name)]
+        health = {"token_ids": health_tokens, "sampling_options": {"temperature": 0.0},
+                  "stop_conditions": {"max_tokens": 1, "ignore_eos": False},
+                  "_HEALTH_CHECK": True}
+        self._serve(self.generate_endpoint, self.generate, labels, health)
+        if control_allowed(self.config):
+            for name, handler in (("sleep", self.sleep), ("wake_up", self.wake_up),
+                                  ("clear_kv_blocks", self.clear_kv_blocks)):
+                self._serve(self.runtime.endpoint(f"{self.path}.{name}"), handler, labels, None)
+        else:
+            log.warning("Dynamo's sleep, wake_up and clear_kv_blocks are not served: the "
+                        "request plane listens on %s, and Dynamo's requests carry no token "
+                        "(workers.control_token_file); the worker's own routes still work",
+                        dynamo.host)
+        self.registered = True
+        identity["dynamo_instance"] = f"{self.generate_endpoint.connection_id():x}"
+        log.info("worker %d joined Dynamo's runtime as %s.%s, instance %s (discovery %s)",
+                 self.index, self.path, self.config.metrics.endpoint,
+                 identity["dynamo_instance"], dynamo.discovery_backend)
+
+    def _runtime_config(self) -> Any:
+        from dynamo.llm import ModelRuntimeConfig
+
+        vllm_config = self.engine.vllm_config
         runtime_config = ModelRuntimeConfig()
         runtime_config.context_length = self.max_model_len
         runtime_config.total_kv_blocks = self.total_blocks
@@ -108,26 +154,27 @@ class DynamoMember:
             vllm_config.scheduler_config.max_num_batched_tokens)
         runtime_config.enable_local_indexer = True
         runtime_config.kv_event_publishing_enabled = bool(self.kv_publishers)
-        from dynamo.llm import ModelInput, ModelType
+        return runtime_config
 
-        await register_model(
-            ModelInput.Tokens, ModelType.Chat | ModelType.Completions, self.generate_endpoint,
-            self.config.model.path, self.config.served_name,
-            worker_type=WorkerType.Aggregated, kv_cache_block_size=int(cache.block_size),
-            runtime_config=runtime_config)
-        labels = [("model", self.config.served_name)]
-        health = {"token_ids": health_tokens, "sampling_options": {"temperature": 0.0},
-                  "stop_conditions": {"max_tokens": 1, "ignore_eos": False},
-                  "_HEALTH_CHECK": True}
-        self._serve(self.generate_endpoint, self.generate, labels, health)
-        for name, handler in (("sleep", self.sleep), ("wake_up", self.wake_up),
-                              ("clear_kv_blocks", self.clear_kv_blocks)):
-            self._serve(self.runtime.endpoint(f"{self.path}.{name}"), handler, labels, None)
-        self.registered = True
-        identity["dynamo_instance"] = f"{self.generate_endpoint.connection_id():x}"
-        log.info("worker %d joined Dynamo's runtime as %s.%s, instance %s (discovery %s)",
-                 self.index, self.path, self.config.metrics.endpoint,
-                 identity["dynamo_instance"], dynamo.discovery_backend)
+    async def _sync_adapters(self) -> None:
+        """A model card for every adapter vLLM serves, and none for one it dropped."""
+        from dynamo.llm import ModelInput, ModelType, WorkerType, register_model, unregister_model
+
+        loaded = set(self.adapters())
+        for name in sorted(loaded - self.adapter_cards):
+            await register_model(
+                ModelInput.Tokens, ModelType.Chat | ModelType.Completions,
+                self.generate_endpoint, self.config.model.path, name,
+                worker_type=WorkerType.Aggregated, kv_cache_block_size=self.block_size,
+                runtime_config=self._runtime_config(), lora_name=name,
+                base_model_path=self.config.model.path, ignore_weights=True,
+                user_data={"lora_adapter": True})
+            self.adapter_cards.add(name)
+            log.info("adapter %s registered with Dynamo", name)
+        for name in sorted(self.adapter_cards - loaded):
+            await unregister_model(self.generate_endpoint, lora_name=name)
+            self.adapter_cards.discard(name)
+            log.info("adapter %s unregistered from Dynamo", name)
 
     def _serve(self, endpoint: Any, handler: Any, labels: list[tuple[str, str]],
                health: dict[str, Any] | None) -> None:
@@ -170,9 +217,13 @@ class DynamoMember:
                 enable_local_indexer=True, dp_rank=rank))
 
     async def register(self) -> None:
-        if self.generate_endpoint is not None and not self.registered:
+        """Back in discovery (after a wake), with the adapters' cards as they are now."""
+        if self.generate_endpoint is None:
+            return
+        if not self.registered:
             await self.generate_endpoint.register_endpoint_instance()
             self.registered = True
+        await self._sync_adapters()
 
     async def unregister(self) -> None:
         if self.generate_endpoint is not None and self.registered:
@@ -199,19 +250,22 @@ class DynamoMember:
     # ------------------------------------------------------------------ endpoints
 
     async def generate(self, request: dict[str, Any], context: Any) -> AsyncIterator[Any]:
+        from dynamo.llm.exceptions import EngineShutdown, InvalidArgument
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         if not self.accepting():
-            yield error_chunk("this worker is not serving (asleep or stopping)")
-            return
+            # Asleep or stopping (the frontend had not yet seen it leave): another worker
+            # can take the request.
+            raise EngineShutdown("this worker is not serving (asleep or stopping)")
         try:
             tokens = prompt_tokens(request)
             params = SamplingParams(**sampling_kwargs(request, self.defaults, self.max_model_len))
             params.output_kind = RequestOutputKind.DELTA
+            adapter = self._adapter_for(request.get("model"))
         except Exception as exc:  # RequestError, or vLLM's own validation of the values
-            yield error_chunk(f"bad request: {exc}")
-            return
+            # Dynamo's typed error: the frontend answers the client with a 4xx.
+            raise InvalidArgument(f"bad request: {exc}") from exc
         # The context id repeats when the frontend migrates a request: keep vLLM's unique.
         request_id = f"dynamo-{context.id()}-{uuid.uuid4().hex[:8]}"
         builder = ChunkBuilder()
@@ -219,7 +273,8 @@ class DynamoMember:
         cancel = asyncio.ensure_future(self._abort_when_cancelled(context, request_id))
         try:
             async for output in self.engine.generate({"prompt_token_ids": tokens}, params,
-                                                     request_id=request_id):
+                                                     request_id=request_id,
+                                                     lora_request=adapter):
                 for chunk in builder.chunks(output.prompt_token_ids, output.num_cached_tokens,
                                             output.outputs):
                     yield chunk
@@ -227,16 +282,25 @@ class DynamoMember:
             raise
         except Exception as exc:
             if self.engine.errored:
-                # The engine is dead: end the stream without a finish reason, as a worker
-                # that vanished would, so the frontend migrates the request to another
-                # worker (or, with migration off, tells the client it failed).
+                # Dynamo's typed error for a worker going away: the frontend migrates the
+                # request to another worker (or, with migration off, fails it explicitly).
                 log.error("Dynamo request %s cut: the engine is dead (%r)", request_id, exc)
-                raise
+                raise EngineShutdown(f"the engine died during generation: {exc}") from exc
             log.error("Dynamo request %s failed: %r", request_id, exc)
             yield error_chunk(f"{type(exc).__name__}: {exc}")
         finally:
             cancel.cancel()
             self.inflight -= 1
+
+    def _adapter_for(self, model: Any) -> Any:
+        """The LoRARequest a request's model names; None for the base model."""
+        if not model or model == self.config.served_name:
+            return None
+        adapter = self.adapters().get(model)
+        if adapter is None:
+            raise RequestError(f"model: {model!r} is neither {self.config.served_name!r} nor a "
+                               "loaded adapter")
+        return adapter
 
     async def _abort_when_cancelled(self, context: Any, request_id: str) -> None:
         await context.async_killed_or_stopped()

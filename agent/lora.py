@@ -98,9 +98,11 @@ class LoraAdapters:
         return getattr(getattr(self.engine, "vllm_config", None), "lora_config", None) is not None
 
     def names(self) -> list[str]:
-        if self.models is None:
-            return []
-        return sorted(self.models.lora_requests)
+        return sorted(self.requests())
+
+    def requests(self) -> dict[str, Any]:
+        """vLLM's LoRARequest of every loaded adapter, by name."""
+        return dict(self.models.lora_requests) if self.models is not None else {}
 
     def _check_enabled(self) -> None:
         if self.models is None:

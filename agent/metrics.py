@@ -19,23 +19,6 @@ from dynamo_vllm.contract.protocol import Label, Metric, WorkerState
 log = logging.getLogger(__name__)
 
 
-def merge_labels(automatic: Mapping[str, str], user: Mapping[str, str]) -> dict[str, str]:
-    """User labels added under the automatic ones: a user label never replaces one.
-
-    Raises ValueError for labels Prometheus reserves (`le`, `quantile`).
-    """
-    reserved = sorted(set(user) & Label.RESERVED)
-    if reserved:
-        raise ValueError(f"label {reserved[0]!r} is reserved by Prometheus")
-    merged = dict(automatic)
-    for name, value in user.items():
-        if name in merged:
-            log.warning("metrics.labels.%s ignored: it would replace the automatic label", name)
-            continue
-        merged[name] = value
-    return merged
-
-
 class EngineGauges:
     """The worker's metric families, with the hierarchical labels fixed at creation."""
 

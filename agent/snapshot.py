@@ -1,4 +1,5 @@
-"""The worker's side of checkpoint/restore (CHREK), after Dynamo's newest protocol (G4).
+"""The worker's side of checkpoint/restore (CHREK), after Dynamo's newest protocol (G4); the
+older environment-variable protocols (G1, G2) are in `chrek_env`.
 
 A worker in snapshot mode warms its engine up, pauses it, puts it to sleep, and writes
 `ready-for-snapshot` into its control directory. Then it waits, polling every 100 ms, for the
@@ -28,6 +29,14 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynamo_vllm.agent.chrek_env import (
+    READY_FILE,
+    SIGNAL_FILE,
+    EnvCheckpoint,
+    Verdict,
+    env_checkpoint,
+    wait_env_checkpointer,
+)
 from dynamo_vllm.contract.markers import (
     MarkerError,
     hash_problem,
@@ -91,6 +100,8 @@ class SnapshotSettings:
     timeout: float
     sleep_level: int
     env_allow: frozenset[str] = field(default_factory=frozenset)
+    env_protocol: EnvCheckpoint | None = None
+    """Set when older Dynamo tooling drives the worker by environment (chrek_env)."""
 
 
 def settings_from_env(environ: Mapping[str, str], timeout: float, sleep_level: int,
@@ -100,11 +111,17 @@ def settings_from_env(environ: Mapping[str, str], timeout: float, sleep_level: i
     request_dir = environ.get(Env.CONTROL_DIR)
     legacy = sorted(name for name in environ if name.startswith(Env.CHECKPOINT_PREFIX))
     if not start_dir and not request_dir:
+        spec, problems = env_checkpoint(environ)
+        if problems:
+            raise SnapshotConfigError(problems)
+        if spec is not None:
+            return SnapshotSettings(spec.ready_file.parent, environ.get(Env.CHECKPOINT_HASH, ""),
+                                    True, timeout, sleep_level, frozenset(), spec)
         if legacy:
             raise SnapshotConfigError([
-                f"{', '.join(legacy)} set, but not {Env.SNAPSHOT_CONTROL_DIR}: checkpoint "
-                "mode needs the control directory (the file and signal protocols of older "
-                "Dynamo releases are not supported)"])
+                f"{', '.join(legacy)} set, but no checkpoint protocol is on: set "
+                f"{Env.SNAPSHOT_CONTROL_DIR} (the control directory), {SIGNAL_FILE} (signal "
+                f"files) or {READY_FILE} (Unix signals)"])
         return None
     errors: list[str] = []
     if start_dir and request_dir and os.path.abspath(start_dir) != os.path.abspath(request_dir):
@@ -188,6 +205,12 @@ async def wait_for_checkpointer(settings: SnapshotSettings, worker: int) -> Answ
     """Write `ready-for-snapshot` and wait for the checkpointer's answer.
 
     Every sentinel is removed at the end, whatever the answer (Dynamo's `finally`)."""
+    if settings.env_protocol is not None:
+        verdict, waited = await wait_env_checkpointer(settings.env_protocol, settings.timeout)
+        # A failed checkpoint leaves the live process to serve, as no answer does.
+        outcome = {Verdict.RESTORED: Outcome.RESTORED,
+                   Verdict.CHECKPOINTED: Outcome.CHECKPOINTED}.get(verdict, Outcome.TIMED_OUT)
+        return Answer(outcome, waited_s=waited)
     directory = settings.control_dir
     remove_markers(directory, (Marker.RESTORE_COMPLETE, Marker.SNAPSHOT_COMPLETE))
     ready = {"pid": os.getpid(), "hash": settings.checkpoint_hash, "worker": worker,

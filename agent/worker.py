@@ -30,7 +30,7 @@ from dynamo_vllm.agent.engine import (
 )
 from dynamo_vllm.agent.lifecycle import SleepController
 from dynamo_vllm.agent.lora import LoraAdapters
-from dynamo_vllm.agent.metrics import EngineGauges, merge_labels
+from dynamo_vllm.agent.metrics import EngineGauges
 from dynamo_vllm.agent.monitor import EngineErrorHook, EngineMonitor
 from dynamo_vllm.agent.processes import descendants, kill_all, shutdown_engine
 from dynamo_vllm.agent.publisher import StatLoggerFactory
@@ -49,7 +49,8 @@ from dynamo_vllm.contract.config import Config, apply_env
 from dynamo_vllm.contract.discovery import Discovery, EndpointRecord
 from dynamo_vllm.contract.discovery.backends import Backend, backend_for
 from dynamo_vllm.contract.gate import load_token
-from dynamo_vllm.contract.protocol import Env, ExitCode, Label, WorkerState
+from dynamo_vllm.contract.labels import worker_labels
+from dynamo_vllm.contract.protocol import Env, ExitCode, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,7 @@ class Worker:
         self.port = config.worker_port(index)
         self.status = WorkerStatus()
         self.exit_code: ExitCode | None = None
-        self.labels = merge_labels({
-            Label.NAMESPACE: config.metrics.namespace,
-            Label.COMPONENT: config.metrics.component,
-            Label.ENDPOINT: config.metrics.endpoint,
-            Label.MODEL: config.served_name,
-        }, config.metric_labels)
+        self.labels = worker_labels(config)
         self.gauges = EngineGauges(self.labels)
         self._stop = asyncio.Event()
         self.instance = os.environ.get(Env.INSTANCE) or config.served_name
@@ -85,8 +81,8 @@ class Worker:
                                      lora=self.lora, token=token)
         if snapshot is not None:
             self.control.snapshot = self.request_snapshot
-        self.dynamo = DynamoMember(config, index, lambda: self.status.serving) \
-            if config.dynamo.enabled else None
+        self.dynamo = DynamoMember(config, index, lambda: self.status.serving,
+                                   self.lora.requests) if config.dynamo.enabled else None
 
     def _discovery(self) -> Discovery:
         backend = backend_for(self.config, self.instance, os.environ.get(Env.DISCOVERY_DIR))

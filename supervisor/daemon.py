@@ -25,6 +25,7 @@ from dynamo_vllm.contract.discovery.backends import Document, backend_for
 from dynamo_vllm.contract.discovery.etcd import EtcdDiscovery
 from dynamo_vllm.contract.engine_venv import engine_python
 from dynamo_vllm.contract.gate import TokenError, load_token
+from dynamo_vllm.contract.labels import worker_labels
 from dynamo_vllm.contract.protocol import ExitCode, Route
 from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
 from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
@@ -85,7 +86,9 @@ class Supervisor:
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry, DISPLAY_STATES)
         collectors = {"node": NodeCollector().collect,
-                      "workers": WorkerFilesCollector(self._metrics_dirs).collect}
+                      "workers": WorkerFilesCollector(
+                          self._metrics_dirs, lambda: worker_labels(self.config, warn=False)
+                      ).collect}
         gpus = GpuCollector()
         if gpus.present:  # no GPU: no GPU series and no errors
             collectors["gpu"] = gpus.collect

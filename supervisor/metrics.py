@@ -150,13 +150,18 @@ class GpuCollector:
 
 
 class WorkerFilesCollector:
-    """Every live worker's `vllm:*` and `dynamo_component_*` series, labelled `worker`."""
+    """Every live worker's `vllm:*` and `dynamo_component_*` series, labelled `worker` and
+    with the workers' labels (`labels()`: Dynamo's hierarchy and the operator's) where a
+    series lacks them, as vLLM's own do."""
 
-    def __init__(self, directories: Callable[[], dict[str, str]]):
+    def __init__(self, directories: Callable[[], dict[str, str]],
+                 labels: Callable[[], dict[str, str]] = dict):
         self.directories = directories
+        self.labels = labels
 
     def collect(self) -> list[Metric]:
         families: dict[str, Metric] = {}
+        common = self.labels()
         for worker, directory in sorted(self.directories().items()):
             files = glob.glob(os.path.join(directory, "*.db"))
             if not files:
@@ -173,7 +178,7 @@ class WorkerFilesCollector:
                     family = Metric(metric.name, metric.documentation, metric.type, metric.unit)
                     families[metric.name] = family
                 for sample in metric.samples:
-                    labels = {**sample.labels, Label.WORKER: worker}
+                    labels = {**common, **sample.labels, Label.WORKER: worker}
                     family.samples.append(sample._replace(labels=labels))
         return list(families.values())
 

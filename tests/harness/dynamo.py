@@ -3,6 +3,7 @@ loopback, and what Dynamo's file discovery holds."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from urllib.parse import unquote
@@ -63,3 +64,11 @@ def file_instances(file_kv: Path, endpoint: str = "generate") -> set[str]:
         if len(parts) == 4 and parts[2] == endpoint:
             found.add(parts[3])
     return found
+
+
+def vllm_counter(port: int, name: str) -> float:
+    """A vLLM counter (e.g. `request_success`) summed over its series, from a worker's own
+    /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(rf"^vllm:{name}_total\{{[^}}]*\}} (\S+)", text,
+                                            re.M))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ import psutil
 import pytest
 
 from tests.harness import SupervisorProcess, engine_config, free_port, wait_for, write_config
-from tests.harness.dynamo import DynamoFrontend, dynamo_env, file_instances
+from tests.harness.dynamo import DynamoFrontend, dynamo_env, file_instances, vllm_counter
 from tests.harness.streams import sse_data
 
 pytestmark = pytest.mark.engine
@@ -50,14 +49,12 @@ class Node:
 
     def served(self, index: int) -> float:
         """Requests worker `index`'s engine finished (vLLM's counter on its own port)."""
-        port = self.supervisor.worker(index)["port"]
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        return sum(float(v) for v in re.findall(r"^vllm:request_success_total\{[^}]*\} (\S+)",
-                                                text, re.M))
+        return vllm_counter(self.supervisor.worker(index)["port"], "request_success")
 
 
 @pytest.fixture(scope="module")
-def node(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+def node(tiny_model: Path, tiny_lora: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     tmp = tmp_path_factory.mktemp("dynamo")
     file_kv = tmp / "dynamo-kv"
     file_kv.mkdir()
@@ -72,7 +69,9 @@ def node(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         discovery={"backend": "none"},
         sleep={"drain_timeout": 10.0},
         dynamo={"enabled": True, "file_kv": str(file_kv)},
+        lora={"allowed_roots": [str(tiny_lora.parent)]},
     )
+    config["engine"].update({"enable_lora": True, "max_lora_rank": 8, "max_loras": 1})
     config_path = write_config(tmp / "tiny.toml", config)
     env = dynamo_env(file_kv)
     supervisor = SupervisorProcess(config_path, tmp, metrics_port)
@@ -136,12 +135,40 @@ def test_openai_api_through_dynamo_frontend_matches_the_worker(node: Node) -> No
     assert finish == "length"
 
 
+@pytest.mark.parametrize("bad", [{"top_k": -5}, {"min_p": 1.5}, {"repetition_penalty": -1.0},
+                                 {"temperature": -0.5}])
+def test_bad_sampling_values_get_a_4xx_through_the_frontend(node: Node,
+                                                           bad: dict[str, Any]) -> None:
+    answer = httpx.post(node.rr.base + "/v1/completions", timeout=30, json={
+        "model": "tiny", "prompt": "x", "max_tokens": 4, **bad})
+    assert 400 <= answer.status_code < 500, (bad, answer.status_code, answer.text)
+
+
 def test_round_robin_spreads_requests_over_both_workers(node: Node) -> None:
     before = [node.served(0), node.served(1)]
     for _ in range(6):
         client(node.rr).completions.create(model="tiny", prompt="hello", max_tokens=2)
     after = [node.served(0), node.served(1)]
     assert [after[i] - before[i] for i in (0, 1)] == [3, 3]
+
+
+def test_loaded_adapters_are_models_of_the_frontend(node: Node, tiny_lora: Path) -> None:
+    ports = [node.supervisor.worker(i)["port"] for i in (0, 1)]
+    for port in ports:
+        loaded = httpx.post(f"http://127.0.0.1:{port}/v1/load_lora_adapter", timeout=60,
+                            json={"lora_name": "sql", "lora_path": str(tiny_lora)})
+        assert loaded.status_code == 200, loaded.text
+    wait_for(lambda: "sql" in node.rr.models(), 30, what="the adapter listed by the frontend")
+    via_frontend = client(node.rr).completions.create(model="sql", prompt="select",
+                                                      max_tokens=8, temperature=0)
+    direct = worker_client(node, 0).completions.create(
+        model="sql", prompt="select", max_tokens=8, temperature=0,
+        extra_body={"add_special_tokens": False})
+    assert via_frontend.choices[0].text == direct.choices[0].text
+    for port in ports:
+        httpx.post(f"http://127.0.0.1:{port}/v1/unload_lora_adapter", timeout=60,
+                   json={"lora_name": "sql"}).raise_for_status()
+    wait_for(lambda: node.rr.models() == ["tiny"], 30, what="the adapter gone from the frontend")
 
 
 def shared_prefix_rounds(frontend: DynamoFrontend, rounds: int = 3) -> list[list[int]]:
@@ -270,8 +297,10 @@ def test_killed_engine_core_under_streams_ends_every_stream_and_the_worker_rejoi
     assert len(results) == 6
     for result in results:
         assert result["finish"] == "length" or result["error"] is not None, result
-    # The dead worker leaves discovery; the frontend stops choosing it.
-    wait_for(lambda: old_instance not in file_instances(node.file_kv), 30,
+    # The dead worker leaves discovery, so the frontend stops choosing it: within 15 s
+    # (the monitor's interval, 1 s here, plus the worker's way out; measured 1.5 to 5 s).
+    # Until then a request it is sent ends in EngineShutdown and moves on (migration).
+    wait_for(lambda: old_instance not in file_instances(node.file_kv), 15,
              what="the dead worker out of discovery")
     left_after = time.monotonic() - killed_at
     for _ in range(4):

@@ -45,7 +45,7 @@ def supervisor(tiny_model: Path,
         workers={"count": 2, "restart_backoff": 0.5, "stop_timeout": 30.0},
         health={"poll_interval": 1.0, "poll_timeout": 1.0, "poll_failures": 2,
                 "canary_idle": 30.0},
-        metrics={"port": metrics_port},
+        metrics={"port": metrics_port, "labels": {"rack": "r1"}},
         # A long lease: a dead worker's key can only vanish this fast if the supervisor
         # deletes it.
         discovery={"backend": "etcd", "etcd_endpoints": [etcd.url], "lease_ttl": 600},
@@ -96,6 +96,12 @@ def test_metrics_cover_node_supervisor_and_both_workers(supervisor: SupervisorPr
         assert re.search(rf'^vllm:generation_tokens_total{{.*worker="{worker}".*}} [1-9]', text,
                          re.M), f"worker {worker}'s vllm series"
         assert re.search(rf'^dynamo_component_total_blocks{{.*worker="{worker}".*}}', text, re.M)
+    # vLLM's series carry the same hierarchy and operator labels as the dynamo_component ones.
+    hierarchy = ('dynamo_namespace="dynamo"', 'dynamo_component="backend"',
+                 'dynamo_endpoint="generate"', 'model="tiny"', 'rack="r1"')
+    for name in ("vllm:generation_tokens_total", "dynamo_component_total_blocks"):
+        line = next(line for line in text.splitlines() if line.startswith(name + "{"))
+        assert all(label in line for label in hierarchy), line
     assert "dynamo_agent_gpu_" not in text  # no GPU here: no GPU series, no errors
     assert 'dynamo_agent_scrape_collector_success{collector="workers"} 1.0' in text
     samples = [line.rsplit(" ", 1)[0] for line in text.splitlines()

@@ -10,10 +10,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from dynamo.llm.exceptions import EngineShutdown, InvalidArgument
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from dynamo_vllm.agent.dynamo_member import DynamoMember
+from dynamo_vllm.agent.dynamo_member import DynamoMember, control_allowed
 from dynamo_vllm.agent.dynamo_requests import (
     ChunkBuilder,
     RequestError,
@@ -125,7 +126,8 @@ class SlowEngine:
     def __init__(self) -> None:
         self.aborted: list[str] = []
 
-    async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
+    async def generate(self, prompt: Any, params: Any, request_id: str,
+                       lora_request: Any = None) -> Any:
         while request_id not in self.aborted:
             await asyncio.sleep(0.01)
             yield SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"],
@@ -166,21 +168,29 @@ def test_cancellation_aborts_the_engine_request(tmp_path: Path) -> None:
     assert chunks[-1]["finish_reason"] == "cancelled"
 
 
-def test_a_worker_that_does_not_serve_answers_with_an_error_chunk(tmp_path: Path) -> None:
-    async def scenario() -> list[dict[str, Any]]:
-        return [c async for c in member(tmp_path, accepting=False).generate(
-            request(), FakeContext())]
-    chunks = asyncio.run(asyncio.wait_for(scenario(), 10))
-    assert len(chunks) == 1 and chunks[0]["finish_reason"].startswith("error: ")
-    bad = asyncio.run(asyncio.wait_for(_collect(member(tmp_path), {"token_ids": []}), 10))
-    assert bad[0]["finish_reason"].startswith("error: bad request: token_ids")
-    hot = asyncio.run(asyncio.wait_for(_collect(member(tmp_path), request(
-        sampling_options={"temperature": -1})), 10))
-    assert "temperature must be non-negative" in hot[0]["finish_reason"]
+def test_refusals_are_dynamos_typed_errors(tmp_path: Path) -> None:
+    # Not serving (asleep, stopping): EngineShutdown, which the frontend migrates.
+    with pytest.raises(EngineShutdown, match="not serving"):
+        asyncio.run(asyncio.wait_for(_collect(member(tmp_path, accepting=False), request()), 10))
+    # A bad request: InvalidArgument, which the frontend answers with a 4xx.
+    with pytest.raises(InvalidArgument, match="bad request: token_ids"):
+        asyncio.run(asyncio.wait_for(_collect(member(tmp_path), {"token_ids": []}), 10))
+    with pytest.raises(InvalidArgument, match="temperature must be non-negative"):
+        asyncio.run(asyncio.wait_for(_collect(member(tmp_path), request(
+            sampling_options={"temperature": -1})), 10))
 
 
 async def _collect(m: DynamoMember, body: dict[str, Any]) -> list[dict[str, Any]]:
     return [c async for c in m.generate(body, FakeContext())]
+
+
+def test_requests_name_the_base_model_or_a_loaded_adapter(tmp_path: Path) -> None:
+    m = member(tmp_path)
+    m.adapters = lambda: {"sql": "the sql LoRARequest"}
+    assert m._adapter_for(None) is None and m._adapter_for(tmp_path.name) is None
+    assert m._adapter_for("sql") == "the sql LoRARequest"
+    with pytest.raises(RequestError, match="'other' is neither"):
+        m._adapter_for("other")
 
 
 def test_dynamo_section_is_validated_with_its_key(tmp_path: Path) -> None:
@@ -209,3 +219,16 @@ def test_dynamos_environment_overrides_the_section(tmp_path: Path) -> None:
         cfg.apply_env(config, {"DYN_REQUEST_PLANE": "nats", "DYN_NAMESPACE": "a.b"})
     assert "DYN_REQUEST_PLANE='nats'" in info.value.errors[0]
     assert "DYN_NAMESPACE" in info.value.errors[1]
+
+
+def test_control_endpoints_reach_the_network_only_when_opened_without_a_token(
+        tmp_path: Path) -> None:
+    def allowed(host: str, **workers: Any) -> bool:
+        raw = {"model": {"path": str(model_dir(tmp_path))},
+               "dynamo": {"enabled": True, "host": host}, "workers": workers}
+        return control_allowed(cfg.from_dict(raw, check_paths=False))
+    assert allowed("127.0.0.1") and allowed("::1")
+    assert not allowed("10.0.0.5")
+    assert allowed("10.0.0.5", control_from_network=True)
+    assert not allowed("10.0.0.5", control_from_network=True,
+                       control_token_file="/etc/dynamo-vllm/token")

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from dynamo_vllm.agent.metrics import EngineGauges, merge_labels
+from dynamo_vllm.agent.metrics import EngineGauges
+from dynamo_vllm.contract.labels import merge_labels
 from dynamo_vllm.contract.protocol import WorkerState
 
 

@@ -1,0 +1,211 @@
+"""Dynamo's frontend in front of the workers, measured with clients nobody here wrote.
+
+    python -m benchmarks.dynamo_bench --model .tiny-model [--rounds 3] [--prompts 64]
+                                      [--aiperf PATH/TO/aiperf]
+
+One supervisor with two workers ([dynamo] enabled, file discovery) and two Dynamo frontends
+on the same discovery, one round-robin and one KV-aware:
+
+1. Overhead: worker 1 sleeps (level 0), so the frontend has one worker; vLLM's benchmark
+   client (`vllm.benchmarks.serve`, random prompts of 64 tokens, 64 output tokens, 8
+   concurrent) runs against the frontend and against worker 0's own port in alternation.
+   Output tokens/s as a ratio, TTFT p50/p99 as differences.
+2. KV-aware routing against round-robin: both workers awake, vLLM's `prefix_repetition`
+   workload (4 prefixes of 384 tokens, 3 KV blocks on the CPU engine, each with 32-token
+   suffixes), the workers' prefix caches cleared before each run. TTFT p50 and the prefix
+   cache hit rate (both workers' `vllm:prefix_cache_hits` over `_queries`).
+3. Cross-check: AIPerf (the tool Dynamo's tuning guide uses; give its path, it lives in a
+   venv of its own) and `dynamo-vllm bench` at one load level against the frontend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.worker_bench import ENV, machine
+from tests.harness import SupervisorProcess, engine_config, free_port, wait_for, write_config
+from tests.harness.dynamo import DynamoFrontend, dynamo_env, file_instances, vllm_counter
+
+ENV_ALL = {**os.environ, **ENV}
+VLLM_BENCH = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+              "from vllm.benchmarks import serve; p = FlexibleArgumentParser(); "
+              "serve.add_cli_args(p); serve.main(p.parse_args(sys.argv[1:]))")
+
+
+def vllm_bench(base: str, model: Path, out: Path, extra: list[str]) -> dict[str, Any]:
+    args = [sys.executable, "-c", VLLM_BENCH, "--backend", "openai", "--base-url", base,
+            "--endpoint", "/v1/completions", "--model", "tiny", "--tokenizer", str(model),
+            "--max-concurrency", "8", "--percentile-metrics", "ttft,tpot,itl",
+            "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(out.parent),
+            "--result-filename", out.name, "--seed", "0", *extra]
+    subprocess.run(args, check=True, capture_output=True, timeout=900, env=ENV_ALL)
+    return dict(json.loads(out.read_text()))
+
+
+
+
+def prefix_counters(ports: list[int]) -> tuple[float, float]:
+    return (sum(vllm_counter(port, "prefix_cache_hits") for port in ports),
+            sum(vllm_counter(port, "prefix_cache_queries") for port in ports))
+
+
+def control(port: int, route: str, body: dict[str, Any] | None = None) -> None:
+    httpx.post(f"http://127.0.0.1:{port}/engine/{route}", json=body or {},
+               timeout=60).raise_for_status()
+
+
+class Setup:
+    def __init__(self, model: Path, tmp: Path):
+        self.file_kv = tmp / "dynamo-kv"
+        self.file_kv.mkdir()
+        metrics_port, base_port = free_port(), free_port()
+        while free_port() == base_port + 1:
+            pass
+        config = engine_config(
+            model, base_port, workers={"count": 2}, health={"canary_idle": 60.0},
+            metrics={"port": metrics_port}, discovery={"backend": "none"},
+            engine={"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 2**20},
+            dynamo={"enabled": True, "file_kv": str(self.file_kv)})
+        self.supervisor = SupervisorProcess(write_config(tmp / "tiny.toml", config), tmp,
+                                            metrics_port, env=ENV)
+        env = {**dynamo_env(self.file_kv), **ENV}
+        self.rr = DynamoFrontend(tmp / "frontend-rr.log", "round-robin", env=env)
+        self.kv = DynamoFrontend(tmp / "frontend-kv.log", "kv", env=env)
+        self.ports = [base_port, base_port + 1]
+
+    def __enter__(self) -> Setup:
+        self.supervisor.wait_workers(lambda ws: len(ws) == 2 and all(
+            w["state"] == "serving" for w in ws), 300, "both workers serving")
+        for frontend in (self.rr, self.kv):
+            frontend.wait_model("tiny", 60)
+        wait_for(lambda: len(file_instances(self.file_kv)) == 2, 30, what="two instances")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in (self.rr, self.kv, self.supervisor):
+            process.cleanup()
+
+
+RANDOM = ["--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "64",
+          "--ignore-eos"]
+
+
+def overhead(setup: Setup, model: Path, tmp: Path, rounds: int, prompts: int) -> str:
+    control(setup.ports[1], "sleep", {"level": 0})
+    wait_for(lambda: len(file_instances(setup.file_kv)) == 1, 30, what="one instance")
+    runs: dict[str, list[dict[str, Any]]] = {"frontend": [], "worker": []}
+    for r in range(rounds):
+        for name, base in (("frontend", setup.rr.base),
+                           ("worker", f"http://127.0.0.1:{setup.ports[0]}")):
+            runs[name].append(vllm_bench(base, model, tmp / f"{name}-{r}.json",
+                                         [*RANDOM, "--num-prompts", str(prompts)]))
+    control(setup.ports[1], "wake_up")
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[name])
+    rows = ["| path | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |",
+            "|---|---|---|---|---|"]
+    for name in ("frontend", "worker"):
+        rows.append(f"| {name} | {med(name, 'output_throughput'):.1f} | "
+                    f"{med(name, 'median_ttft_ms'):.2f} | {med(name, 'p99_ttft_ms'):.2f} | "
+                    f"{med(name, 'median_itl_ms'):.2f} |")
+    ratio = med("frontend", "output_throughput") / med("worker", "output_throughput")
+    rows.append("")
+    rows.append(f"Frontend / worker output tokens/s: **{ratio:.3f}**; TTFT p50 "
+                f"{med('frontend', 'median_ttft_ms') - med('worker', 'median_ttft_ms'):+.2f} "
+                f"ms, p99 {med('frontend', 'p99_ttft_ms') - med('worker', 'p99_ttft_ms'):+.2f}"
+                f" ms (medians of {rounds} alternating rounds of {prompts} requests, "
+                "8 concurrent).")
+    return "\n".join(rows)
+
+
+PREFIXED = ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "384",
+            "--prefix-repetition-suffix-len", "32", "--prefix-repetition-num-prefixes", "4",
+            "--prefix-repetition-output-len", "16"]
+
+
+def routing(setup: Setup, model: Path, tmp: Path, rounds: int, prompts: int) -> str:
+    results: dict[str, list[tuple[float, float]]] = {"kv": [], "round-robin": []}
+    for r in range(rounds):
+        for name, frontend in (("kv", setup.kv), ("round-robin", setup.rr)):
+            for port in setup.ports:
+                control(port, "clear_kv_blocks")
+            before = prefix_counters(setup.ports)
+            run = vllm_bench(frontend.base, model, tmp / f"prefix-{name}-{r}.json",
+                             [*PREFIXED, "--num-prompts", str(prompts), "--seed", str(r)])
+            after = prefix_counters(setup.ports)
+            rate = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+            results[name].append((run["median_ttft_ms"], rate))
+    rows = ["| router | TTFT p50 ms | prefix cache hit rate |", "|---|---|---|"]
+    for name, values in results.items():
+        rows.append(f"| {name} | {statistics.median(v[0] for v in values):.2f} | "
+                    f"{statistics.median(v[1] for v in values):.1%} |")
+    return "\n".join(rows)
+
+
+def cross_check(setup: Setup, model: Path, tmp: Path, aiperf: str | None, prompts: int) -> str:
+    rows = ["| client | output tok/s | TTFT p50 ms | requests |", "|---|---|---|---|"]
+    figures = tmp / "ours.json"
+    ours = subprocess.run(
+        [sys.executable, "-m", "dynamo_vllm.cli.main", "bench", "--url", setup.rr.base,
+         "--model", "tiny", "-n", str(prompts), "-c", "8", "--input-len", "64",
+         "--output-len", "64", "--json", str(figures), "-q"], capture_output=True, text=True,
+        timeout=900, env=ENV_ALL)
+    if ours.returncode == 0:
+        level = json.loads(figures.read_text())["levels"][0]
+        rows.append(f"| dynamo-vllm bench | {level['output_tokens_per_s']:.1f} | "
+                    f"{level['ttft_p50_s'] * 1000:.2f} | {level['completed']} |")
+    else:
+        rows.append(f"| dynamo-vllm bench | failed: {ours.stderr.strip()[-200:]} | | |")
+    if aiperf:
+        out = tmp / "aiperf"
+        run = subprocess.run(
+            [aiperf, "profile", "--model", "tiny", "--url", setup.rr.base,
+             "--endpoint-type", "completions", "--streaming", "--concurrency", "8",
+             "--request-count", str(prompts), "--synthetic-input-tokens-mean", "64",
+             "--output-tokens-mean", "64", "--extra-inputs", "ignore_eos:true",
+             "--tokenizer", str(model), "--artifact-dir", str(out)],
+            capture_output=True, text=True, timeout=900, env=ENV_ALL)
+        exports = list(out.rglob("profile_export_aiperf.json"))
+        if run.returncode == 0 and exports:
+            data = json.loads(exports[0].read_text())
+            rows.append(f"| AIPerf | {data['output_token_throughput']['avg']:.1f} | "
+                        f"{data['time_to_first_token']['p50']:.2f} | "
+                        f"{data['request_count']['avg']:.0f} |")
+        else:
+            rows.append(f"| AIPerf | failed: {(run.stderr or run.stdout).strip()[-200:]} | | |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--aiperf", help="the aiperf command (in a venv of its own)")
+    opts = parser.parse_args()
+    model = opts.model.resolve()
+    with tempfile.TemporaryDirectory(prefix="dynamo-bench-") as name:
+        tmp = Path(name)
+        with Setup(model, tmp) as setup:
+            print(f"Machine: {machine()}\n")
+            print("### Through Dynamo's frontend against straight to the worker\n")
+            print(overhead(setup, model, tmp, opts.rounds, opts.prompts) + "\n")
+            print("### KV-aware routing against round-robin (shared prefixes)\n")
+            print(routing(setup, model, tmp, opts.rounds, opts.prompts) + "\n")
+            print("### One load level, three clients (through the frontend)\n")
+            print(cross_check(setup, model, tmp, opts.aiperf, opts.prompts) + "\n")
+
+
+if __name__ == "__main__":
+    main()
