@@ -1,7 +1,10 @@
 """Dynamo's frontend in front of the workers, measured with clients nobody here wrote.
 
-    python -m benchmarks.dynamo_bench --model .tiny-model [--rounds 3] [--prompts 64]
+    python -m benchmarks.dynamo_bench --model .tiny-model [--rounds 5] [--prompts 64]
                                       [--aiperf PATH/TO/aiperf]
+
+AIPerf is not a dependency of the project (it pins its own stack); install it apart, e.g.
+`python3 -m venv /tmp/aiperf && /tmp/aiperf/bin/pip install aiperf`, and pass its path.
 
 One supervisor with two workers ([dynamo] enabled, file discovery) and two Dynamo frontends
 on the same discovery, one round-robin and one KV-aware:
@@ -14,8 +17,9 @@ on the same discovery, one round-robin and one KV-aware:
    workload (4 prefixes of 384 tokens, 3 KV blocks on the CPU engine, each with 32-token
    suffixes), the workers' prefix caches cleared before each run. TTFT p50 and the prefix
    cache hit rate (both workers' `vllm:prefix_cache_hits` over `_queries`).
-3. Cross-check: AIPerf (the tool Dynamo's tuning guide uses; give its path, it lives in a
-   venv of its own) and `dynamo-vllm bench` at one load level against the frontend.
+3. Cross-check: `dynamo-vllm bench`, vLLM's client and AIPerf (the tool Dynamo's tuning guide
+   uses; give its path, it lives in a venv of its own) at one load level, the frontend in
+   front of both workers.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,19 +118,23 @@ def overhead(setup: Setup, model: Path, tmp: Path, rounds: int, prompts: int) ->
 
     def med(name: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[name])
+
+    def cell(name: str, key: str) -> str:
+        values = [run[key] for run in runs[name]]
+        return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
     rows = ["| path | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |",
             "|---|---|---|---|---|"]
     for name in ("frontend", "worker"):
-        rows.append(f"| {name} | {med(name, 'output_throughput'):.1f} | "
-                    f"{med(name, 'median_ttft_ms'):.2f} | {med(name, 'p99_ttft_ms'):.2f} | "
-                    f"{med(name, 'median_itl_ms'):.2f} |")
+        rows.append(f"| {name} | {cell(name, 'output_throughput')} | "
+                    f"{cell(name, 'median_ttft_ms')} | {cell(name, 'p99_ttft_ms')} | "
+                    f"{cell(name, 'median_itl_ms')} |")
     ratio = med("frontend", "output_throughput") / med("worker", "output_throughput")
     rows.append("")
     rows.append(f"Frontend / worker output tokens/s: **{ratio:.3f}**; TTFT p50 "
                 f"{med('frontend', 'median_ttft_ms') - med('worker', 'median_ttft_ms'):+.2f} "
                 f"ms, p99 {med('frontend', 'p99_ttft_ms') - med('worker', 'p99_ttft_ms'):+.2f}"
-                f" ms (medians of {rounds} alternating rounds of {prompts} requests, "
-                "8 concurrent).")
+                f" ms (median (min-max) of {rounds} alternating rounds of {prompts} requests,"
+                " 8 concurrent).")
     return "\n".join(rows)
 
 
@@ -167,15 +176,24 @@ def cross_check(setup: Setup, model: Path, tmp: Path, aiperf: str | None, prompt
                     f"{level['ttft_p50_s'] * 1000:.2f} | {level['completed']} |")
     else:
         rows.append(f"| dynamo-vllm bench | failed: {ours.stderr.strip()[-200:]} | | |")
+    theirs = vllm_bench(setup.rr.base, model, tmp / "level-vllm.json",
+                        [*RANDOM, "--num-prompts", str(prompts)])
+    rows.append(f"| vLLM's benchmark client | {theirs['output_throughput']:.1f} | "
+                f"{theirs['median_ttft_ms']:.2f} | {theirs['completed']} |")
     if aiperf:
         out = tmp / "aiperf"
+        # AIPerf 0.x cannot load a local tokenizer directory in HF offline mode (it looks the
+        # path up as a cached repo); online, an absolute path is loaded as it is, and the
+        # Hub's address points at a closed loopback port so nothing leaves the machine.
+        env = {k: v for k, v in ENV_ALL.items() if k != "HF_HUB_OFFLINE"}
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"
         run = subprocess.run(
             [aiperf, "profile", "--model", "tiny", "--url", setup.rr.base,
              "--endpoint-type", "completions", "--streaming", "--concurrency", "8",
              "--request-count", str(prompts), "--synthetic-input-tokens-mean", "64",
              "--output-tokens-mean", "64", "--extra-inputs", "ignore_eos:true",
              "--tokenizer", str(model), "--artifact-dir", str(out)],
-            capture_output=True, text=True, timeout=900, env=ENV_ALL)
+            capture_output=True, text=True, timeout=900, env=env)
         exports = list(out.rglob("profile_export_aiperf.json"))
         if run.returncode == 0 and exports:
             data = json.loads(exports[0].read_text())
@@ -190,9 +208,11 @@ def cross_check(setup: Setup, model: Path, tmp: Path, aiperf: str | None, prompt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--aiperf", help="the aiperf command (in a venv of its own)")
+    parser.add_argument("--aiperf", default=os.environ.get("AIPERF") or shutil.which("aiperf"),
+                        help="the aiperf command, in a venv of its own (default: $AIPERF, "
+                             "or aiperf on PATH)")
     opts = parser.parse_args()
     model = opts.model.resolve()
     with tempfile.TemporaryDirectory(prefix="dynamo-bench-") as name:

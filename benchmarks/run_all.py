@@ -31,6 +31,7 @@ SECTIONS = {
                "tuning_example.py"),
     "system": ("Under systemd: start to READY, a hung supervisor to serving again",
                "system_bench.py"),
+    "dynamo": ("Dynamo's frontend in front of the workers", "dynamo_bench.py"),
 }
 
 
