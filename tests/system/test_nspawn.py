@@ -185,6 +185,8 @@ def test_reload_shows_reloading_and_rolls_the_worker(container: Container) -> No
 
 def test_a_stopped_supervisor_is_restarted_by_the_watchdog(container: Container) -> None:
     main_pid = container.show(UNIT, "MainPID")
+    # `kill -STOP 0` would stop the test's own process group (nsenter keeps it).
+    assert main_pid.isdigit() and int(main_pid) > 1, f"no main PID: {main_pid!r}"
     container.run(f"kill -STOP {main_pid}")
     container.wait(f"test \"$(systemctl show -P NRestarts {UNIT})\" -ge 1", 90,
                    "a restart after the watchdog timeout")
