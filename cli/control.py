@@ -25,7 +25,8 @@ from dynamo_vllm.cli.common import (
 @click.option("--json", "as_json", is_flag=True, help="The supervisor's /status, as JSON.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
 def status(target: str, as_json: bool, timeout: float) -> None:
-    """Show a running instance's workers: pid, port, state, restarts, last exit, uptime."""
+    """Show a running instance's workers (pid, port, state, restarts, last exit, uptime) and
+    its frontend, if it runs one."""
     data = supervisor_get(target, "/status", timeout)
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -39,6 +40,10 @@ def status(target: str, as_json: bool, timeout: float) -> None:
         click.echo(f"{w['worker']:>6}  {w.get('pid') or '-':>8}  {w['port']:>5}  "
                    f"{w['state']:<10} {w['restarts']:>8}  {uptime:>8}  "
                    f"{w.get('failed_reason') or w.get('last_exit') or '-'}")
+    front = data.get("frontend")
+    if front:
+        click.echo(f"frontend: {front['state']} ({front['reason']}); pid {front.get('pid') or '-'}"
+                   f", {front['restarts']} restart(s)")
 
 
 @click.command()

@@ -12,6 +12,7 @@ import click
 import tomli_w
 
 from dynamo_vllm.cli.common import load_or_exit
+from dynamo_vllm.contract.protocol import ExitCode
 
 
 @click.command("tiny-model")
@@ -125,6 +126,14 @@ def config_check(target: str) -> None:
     cfg = load_or_exit(target)
     for warning in cfg.warnings:
         click.echo(f"warning: {warning}", err=True)
+    if cfg.frontend.enabled:
+        from dynamo_vllm.contract.engine_venv import engine_python
+        from dynamo_vllm.supervisor.frontend import frontend_args_problem
+
+        problem = frontend_args_problem(cfg, cfg.workers.python or engine_python() or "")
+        if problem:
+            click.echo(f"config error: {problem}", err=True)
+            sys.exit(ExitCode.CONFIG)
     click.echo(f"{cfg.source}: ok ({cfg.workers.count} worker(s) serving {cfg.served_name!r} "
                f"on ports {cfg.worker_port(0)}-{cfg.worker_port(cfg.workers.count - 1)})")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dynamo_vllm.contract.dynamo_env import dynamo_overrides
+from dynamo_vllm.contract.dynamo_env import dynamo_overrides, frontend_problems
 from dynamo_vllm.contract.payload import (
     HealthPayload,
     PayloadError,
@@ -34,6 +34,7 @@ from dynamo_vllm.contract.settings import (
     CheckpointSection,
     DiscoverySection,
     DynamoSection,
+    FrontendSection,
     HealthSection,
     LoggingSection,
     LoraSection,
@@ -86,6 +87,7 @@ class Config:
     lora: LoraSection
     checkpoint: CheckpointSection
     dynamo: DynamoSection
+    frontend: FrontendSection
     logging: LoggingSection
     engine: dict[str, Any]
     """vLLM engine arguments, passed through as `--key value` (vLLM validates them)."""
@@ -244,6 +246,9 @@ def _validate_cross(config: Config, errors: list[str], check_paths: bool) -> Non
             load_token(config.workers.control_token_file)
         except TokenError as exc:
             errors.append(f"workers.control_token_file: {exc}")
+    ports = {config.metrics.port: "metrics.port",
+             **{config.worker_port(i): f"worker {i}'s port" for i in range(config.workers.count)}}
+    errors.extend(frontend_problems(config.frontend, config.dynamo, ports))
     if config.health.payload is not None:
         try:
             parse_payload(config.health.payload)

@@ -1,5 +1,6 @@
 """Dynamo's own environment variables over the [dynamo] section, as Dynamo's components read
-them: a worker and a `python -m dynamo.frontend` started with one environment find each other.
+them: a worker and a `python -m dynamo.frontend` started with one environment find each other;
+and the checks of [frontend] against the other sections.
 
 A bad value is an error naming the variable (exit 78), not a warning: a worker that guessed
 would register where no frontend looks, and serve nobody.
@@ -13,7 +14,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from dynamo_vllm.contract.protocol import Env
-from dynamo_vllm.contract.settings import DynamoSection, MetricsSection
+from dynamo_vllm.contract.settings import DynamoSection, FrontendSection, MetricsSection
 
 # Environment variable -> the [dynamo] setting it overrides.
 _OVERRIDES = {
@@ -74,3 +75,17 @@ def runtime_environment(dynamo: DynamoSection, etcd_urls: list[str]) -> dict[str
 def default_file_kv() -> str:
     """Dynamo's own default for the file backend's directory."""
     return os.path.join(os.environ.get("TMPDIR", "/tmp"), "dynamo_store_kv")
+
+
+def frontend_problems(frontend: FrontendSection, dynamo: DynamoSection,
+                      taken_ports: dict[int, str]) -> list[str]:
+    """What is wrong with an enabled [frontend] (cross-section checks)."""
+    if not frontend.enabled:
+        return []
+    problems = []
+    if not dynamo.enabled:
+        problems.append("frontend.enabled: needs dynamo.enabled (the frontend finds the "
+                        "workers through Dynamo's runtime)")
+    if frontend.port in taken_ports:
+        problems.append(f"frontend.port: {frontend.port} is also {taken_ports[frontend.port]}")
+    return problems

@@ -322,6 +322,39 @@ class DynamoSection:
                                      "(needs prefix caching, vLLM's default).")
 
 
+ROUTER_MODES = ("kv", "round-robin", "random", "power-of-two", "least-loaded")
+
+
+def _frontend_args(value: Any) -> str | None:
+    for key, arg in value.items():
+        if not re.match(r"^[a-z][a-z0-9_-]*$", key):
+            return f"{key!r} is not an argument name"
+        if not isinstance(arg, (str, int, float, bool)):
+            return f"{key}: a string, number or boolean"
+    return None
+
+
+@dataclass(frozen=True)
+class FrontendSection:
+    enabled: bool = _setting(False, "Run Dynamo's frontend (python -m dynamo.frontend) as a "
+                                    "supervised child: one OpenAI port for the node's workers "
+                                    "(needs [dynamo] enabled).", scope=Scope.SUPERVISOR)
+    host: str = _setting("127.0.0.1", "Address of the frontend's OpenAI API (loopback: local "
+                                      "only).", scope=Scope.SUPERVISOR)
+    port: int = _setting(8000, "Port of the frontend's OpenAI API.", _port,
+                         scope=Scope.SUPERVISOR)
+    router_mode: str = _setting("kv", "How the frontend picks a worker: " +
+                                ", ".join(ROUTER_MODES) + ".", _one_of(*ROUTER_MODES),
+                                scope=Scope.SUPERVISOR)
+    migration_limit: int = _setting(3, "Times a request cut by a failing worker moves on to "
+                                       "another (0: never).", _non_negative,
+                                    scope=Scope.SUPERVISOR)
+    args: dict[str, Any] = _setting(None, "Further frontend arguments ([frontend.args], its "
+                                          "own names), passed as --key value; its parser "
+                                          "checks them at `config check`.", _frontend_args,
+                                    scope=Scope.SUPERVISOR)
+
+
 @dataclass(frozen=True)
 class LoggingSection:
     level: str = _setting("info", "debug, info, warning or error.", _log_level,
@@ -339,5 +372,6 @@ SECTIONS: dict[str, type] = {
     "lora": LoraSection,
     "checkpoint": CheckpointSection,
     "dynamo": DynamoSection,
+    "frontend": FrontendSection,
     "logging": LoggingSection,
 }

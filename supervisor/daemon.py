@@ -15,10 +15,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import tomli_w
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
 from dynamo_vllm.contract.config import Config
 from dynamo_vllm.contract.discovery.backends import Document, backend_for
@@ -30,6 +32,8 @@ from dynamo_vllm.contract.protocol import ExitCode, Route
 from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
 from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
 from dynamo_vllm.supervisor.devices import assign, detect_gpus, split_cpus
+from dynamo_vllm.supervisor.frontend import FrontendChild, frontend_args_problem
+from dynamo_vllm.supervisor.frontend_metrics import FrontendCollector
 from dynamo_vllm.supervisor.handlers import Routes, target_group
 from dynamo_vllm.supervisor.housekeeping import reap_orphans, repair_dirs
 from dynamo_vllm.supervisor.http import StatusServer
@@ -43,7 +47,7 @@ from dynamo_vllm.supervisor.metrics import (
 )
 from dynamo_vllm.supervisor.notify import Notifier
 from dynamo_vllm.supervisor.phases import Phase, RestartReason
-from dynamo_vllm.supervisor.readiness import Sent, Settings, WorkerView, readiness
+from dynamo_vllm.supervisor.readiness import FrontendView, Sent, Settings, WorkerView, readiness
 from dynamo_vllm.supervisor.reload import reload
 from dynamo_vllm.supervisor.report import status_document, status_text
 from dynamo_vllm.supervisor.restart_policy import RestartPolicy
@@ -85,13 +89,19 @@ class Supervisor:
                                              "workers": []}
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry, DISPLAY_STATES)
-        collectors = {"node": NodeCollector().collect,
-                      "workers": WorkerFilesCollector(
-                          self._metrics_dirs, lambda: worker_labels(self.config, warn=False)
-                      ).collect}
+        collectors: dict[str, Callable[[], Iterable[Metric]]] = {
+            "node": NodeCollector().collect,
+            "workers": WorkerFilesCollector(
+                self._metrics_dirs, lambda: worker_labels(self.config, warn=False)).collect}
         gpus = GpuCollector()
         if gpus.present:  # no GPU: no GPU series and no errors
             collectors["gpu"] = gpus.collect
+        self.frontend = FrontendChild(config.workers.python or engine_python() or "",
+                                      self.policy()) if config.frontend.enabled else None
+        if self.frontend is not None:
+            collectors["frontend"] = FrontendCollector(self.frontend, lambda: (
+                f"http://{self.config.frontend.host}:{self.config.frontend.port}/metrics"
+            )).collect
         self.registry.register(GuardedCollectors(collectors))
         self.server: StatusServer | None = None
         self._target_publisher: EtcdDiscovery | None = None
@@ -154,6 +164,9 @@ class Supervisor:
     def _check_ports(self, specs: list[WorkerSpec]) -> None:
         busy = [f"{s.host}:{s.port} (worker {s.index})" for s in specs
                 if not port_free(s.host, s.port)]
+        front = self.config.frontend
+        if front.enabled and not port_free(front.host, front.port):
+            busy.append(f"{front.host}:{front.port} (frontend.port)")
         if busy:
             raise StartupError(f"workers.base_port: in use: {', '.join(busy)}")
 
@@ -178,6 +191,11 @@ class Supervisor:
             # Before the port check: a worker left waiting for a checkpoint holds its port.
             await self.chrek.prepare(specs, await asyncio.to_thread(gpu_names))
         self._check_ports(specs)
+        if self.frontend is not None:
+            problem = await asyncio.to_thread(frontend_args_problem, self.config,
+                                              self.frontend.python)
+            if problem:
+                raise StartupError(problem)
         try:
             self.server = StatusServer(self.config.metrics.host, self.config.metrics.port,
                                        self.registry, lambda: self._snapshot, Routes(self),
@@ -201,6 +219,8 @@ class Supervisor:
         self.metrics.min_ready.set(self.config.min_ready)
         for spec in specs:
             self.add_worker(spec)
+        if (frontend := self.frontend) is not None:
+            self.tasks[-1] = observed(frontend.run(self), "frontend", lambda exc: frontend.kill())
         try:
             await self._main_loop()
         finally:
@@ -254,7 +274,8 @@ class Supervisor:
     def status_line(self, now: float) -> str:
         """What STATUS= says now (report.status_text, with the last checkpoint event)."""
         event = (self.chrek.last_event, self.chrek.last_event_at) if self.chrek else None
-        return status_text(self.handles, now, event)
+        text = status_text(self.handles, now, event)
+        return text if self.frontend is None else f"{text}; frontend {self.frontend.state}"
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -269,7 +290,8 @@ class Supervisor:
              for h in self.handles],
             Settings(self.config.min_ready, self.config.watchdog.unready_grace,
                      watchdog=interval is not None),
-            self.sent)
+            self.sent, FrontendView(self.frontend.serving, self.frontend.failed)
+            if self.frontend is not None else None)
         self.sent, self.ready = verdict.sent, verdict.ready
         self.metrics.workers_serving.set(verdict.serving)
         self.metrics.ready.set(1 if verdict.ready else 0)
@@ -302,6 +324,8 @@ class Supervisor:
             self.config, self.handles, text, self.ready, now,
             {"enabled": interval is not None, "pings": self.notifier.watchdog_pings},
             self.chrek.describe() if self.chrek is not None else None)
+        if self.frontend is not None:
+            self._snapshot["frontend"] = self.frontend.describe(now)
 
     # ---------------------------------------------------------------- reload and stop
 
@@ -320,6 +344,9 @@ class Supervisor:
         if self.chrek is not None:
             self.chrek.stop()
         timeout = self.config.workers.stop_timeout
+        if self.frontend is not None:
+            # The front door first: nothing new is admitted while the workers drain.
+            await self.frontend.stop(timeout)
         for handle, result in zip(self.handles, await asyncio.gather(
                 *(h.stop(timeout) for h in self.handles), return_exceptions=True),
                 strict=True):

