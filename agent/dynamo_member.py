@@ -35,6 +35,7 @@ from dynamo_vllm.agent.lifecycle import SleepController
 from dynamo_vllm.contract.config import Config
 from dynamo_vllm.contract.dynamo_env import runtime_environment
 from dynamo_vllm.contract.gate import is_loopback
+from dynamo_vllm.contract.protocol import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,11 @@ def control_allowed(config: Config) -> bool:
 
 class DynamoMember:
     def __init__(self, config: Config, index: int, accepting: Callable[[], bool],
-                 adapters: Callable[[], dict[str, Any]] = dict):
+                 adapters: Callable[[], dict[str, Any]] = dict,
+                 fail: Callable[[ExitCode, str], None] = lambda code, why: None):
         self.config = config
+        self.fail = fail
+        self.closing = False
         self.index = index
         self.accepting = accepting
         # The LoRA adapters vLLM serves, by name (its LoRARequests); each gets a model card.
@@ -185,8 +189,15 @@ class DynamoMember:
         self.serving.append(task)
 
     def _served(self, task: asyncio.Future[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a Dynamo endpoint stopped serving: %r", task.exception())
+        if self.closing:
+            return
+        why = "ended" if task.cancelled() or task.exception() is None \
+            else f"failed: {task.exception()!r}"
+        # Out of Dynamo's runtime (its etcd lease lost, the runtime shut down) while the
+        # worker still serves its own port: say so and end, so that the supervisor's restart
+        # joins it again, instead of serving on invisible to every frontend.
+        self.fail(ExitCode.UNHEALTHY, f"a Dynamo endpoint stopped serving ({why}): this worker "
+                                      "left Dynamo's runtime")
 
     async def _start_load_publisher(self) -> None:
         from dynamo.llm import WorkerMetricsPublisher
@@ -232,6 +243,7 @@ class DynamoMember:
 
     async def close(self) -> None:
         """Leave discovery and the runtime (the worker stops after this)."""
+        self.closing = True
         try:
             await self.unregister()
         except Exception as exc:

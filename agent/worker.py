@@ -82,7 +82,8 @@ class Worker:
         if snapshot is not None:
             self.control.snapshot = self.request_snapshot
         self.dynamo = DynamoMember(config, index, lambda: self.status.serving,
-                                   self.lora.requests) if config.dynamo.enabled else None
+                                   self.lora.requests, self.fail) \
+            if config.dynamo.enabled else None
 
     def _discovery(self) -> Discovery:
         backend = backend_for(self.config, self.instance, os.environ.get(Env.DISCOVERY_DIR))

@@ -32,6 +32,7 @@ SECTIONS = {
     "system": ("Under systemd: start to READY, a hung supervisor to serving again",
                "system_bench.py"),
     "dynamo": ("Dynamo's frontend in front of the workers", "dynamo_bench.py"),
+    "fleet": ("A fleet of two nodes on one etcd: an etcd outage", "fleet_bench.py"),
 }
 
 

@@ -1,0 +1,152 @@
+"""A fleet of two nodes on one etcd, each with its own frontend: what an etcd outage does.
+
+    python -m benchmarks.fleet_bench --model .tiny-model [--outage 30]
+
+Two supervisors (one worker each, [dynamo] on etcd, [frontend] on) share a real etcd. A
+client sends a completion every 0.25 s through node A's frontend. The experiment:
+
+1. steady state: requests succeed, node A's frontend lists both nodes' workers;
+2. etcd stopped (SIGSTOP: a hung etcd, connections stay open) for `--outage` seconds, then
+   resumed; then killed outright and restarted from its data directory;
+3. for each phase: requests sent, failed, the longest run of failures, the workers node A's
+   frontend lists, and the units' readiness.
+
+Prints a Markdown table (docs/fleet.md quotes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.worker_bench import ENV, machine
+from tests.harness import EtcdServer, SupervisorProcess, engine_config, free_port, write_config
+
+
+class Prober:
+    """A completion every `period` seconds through a frontend; records (time, ok)."""
+
+    def __init__(self, base: str, period: float = 0.25):
+        self.base, self.period = base, period
+        self.results: list[tuple[float, bool]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                ok = httpx.post(self.base + "/v1/completions", timeout=10, json={
+                    "model": "tiny", "prompt": "fleet", "max_tokens": 2}).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            self.results.append((started, ok))
+            self._stop.wait(max(0.0, self.period - (time.monotonic() - started)))
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def between(self, start: float, end: float) -> tuple[int, int, float]:
+        """Requests, failures and the longest run of failures (s) in [start, end)."""
+        window = [(t, ok) for t, ok in self.results if start <= t < end]
+        failures = sum(1 for _, ok in window if not ok)
+        longest, run_start = 0.0, None
+        for t, ok in window:
+            if not ok and run_start is None:
+                run_start = t
+            if ok and run_start is not None:
+                longest, run_start = max(longest, t - run_start), None
+        if run_start is not None:
+            longest = max(longest, end - run_start)
+        return len(window), failures, longest
+
+
+def listed(base: str) -> int | str:
+    try:
+        health = httpx.get(base + "/health", timeout=3).json()
+    except (httpx.HTTPError, ValueError):
+        return "no answer"
+    return sum(1 for i in health.get("instances", []) if i.get("endpoint") == "generate")
+
+
+def ready(node: SupervisorProcess) -> str:
+    status = node.status()
+    return "?" if status is None else ("ready" if status.get("ready") else "not ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--outage", type=float, default=30.0)
+    opts = parser.parse_args()
+    model = opts.model.resolve()
+    os.environ.update(ENV)
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as name:
+        tmp = Path(name)
+        etcd = EtcdServer(tmp / "etcd", tmp / "etcd.log").start()
+        nodes: list[SupervisorProcess] = []
+        fronts: list[str] = []
+        try:
+            for node in ("node-a", "node-b"):
+                (tmp / node).mkdir()
+                metrics, base, front = free_port(), free_port(), free_port()
+                config = engine_config(
+                    model, base, workers={"count": 1}, health={"canary_idle": 60.0},
+                    metrics={"port": metrics},
+                    discovery={"backend": "etcd", "etcd_endpoints": [etcd.url]},
+                    dynamo={"enabled": True, "discovery_backend": "etcd"},
+                    frontend={"enabled": True, "port": front, "router_mode": "round-robin"})
+                nodes.append(SupervisorProcess(write_config(tmp / node / f"{node}.toml", config),
+                                               tmp / node, metrics, env=ENV))
+                fronts.append(f"http://127.0.0.1:{front}")
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not all(
+                    (n.status() or {}).get("ready") for n in nodes):
+                time.sleep(1)
+            rows: list[list[Any]] = []
+            with Prober(fronts[0]) as probe:
+                def phase(name: str, seconds: float) -> None:
+                    start = time.monotonic()
+                    time.sleep(seconds)
+                    sent, failed, longest = probe.between(start, time.monotonic())
+                    rows.append([name, f"{seconds:.0f}", sent, failed, f"{longest:.1f}",
+                                 listed(fronts[0]), " / ".join(ready(n) for n in nodes)])
+
+                phase("steady", 10)
+                assert etcd.proc is not None
+                etcd.proc.send_signal(signal.SIGSTOP)
+                phase("etcd hung (SIGSTOP)", opts.outage)
+                etcd.proc.send_signal(signal.SIGCONT)
+                phase("etcd resumed", 20)
+                etcd.proc.kill()
+                etcd.proc.wait(10)
+                phase("etcd killed", opts.outage)
+                etcd.start()
+                phase("etcd restarted (same data)", 30)
+            print(f"Machine: {machine()}\n")
+            print("| phase | s | requests | failed | longest failure run (s) | workers node A's "
+                  "frontend lists | readiness (A / B) |")
+            print("|---|---|---|---|---|---|---|")
+            for row in rows:
+                print("| " + " | ".join(str(c) for c in row) + " |")
+        finally:
+            for node in nodes:
+                node.cleanup()
+            etcd.stop()
+
+
+if __name__ == "__main__":
+    main()
