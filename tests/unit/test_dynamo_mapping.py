@@ -24,6 +24,7 @@ from dynamo_vllm.agent.dynamo_requests import (
 )
 from dynamo_vllm.contract import config as cfg
 from dynamo_vllm.contract.dynamo_env import runtime_environment
+from dynamo_vllm.contract.protocol import ExitCode
 
 DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 64, "stop_token_ids": [2]}
 
@@ -232,3 +233,21 @@ def test_control_endpoints_reach_the_network_only_when_opened_without_a_token(
     assert allowed("10.0.0.5", control_from_network=True)
     assert not allowed("10.0.0.5", control_from_network=True,
                        control_token_file="/etc/dynamo-vllm/token")
+
+
+def test_a_worker_out_of_dynamos_runtime_ends_unless_it_is_leaving(tmp_path: Path) -> None:
+    failures: list[tuple[ExitCode, str]] = []
+    m = member(tmp_path)
+    m.fail = lambda code, why: failures.append((code, why))
+
+    async def scenario() -> None:
+        async def ended() -> None:
+            return None
+        lost = asyncio.ensure_future(ended())
+        await lost
+        m._served(lost)  # an endpoint stopped serving on its own: the lease is gone
+        m.closing = True
+        m._served(lost)  # stopped because the worker leaves: nothing to report
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert len(failures) == 1 and failures[0][0] is ExitCode.UNHEALTHY
+    assert "left Dynamo's runtime" in failures[0][1]
