@@ -67,11 +67,13 @@ def node(tiny_model: Path, tiny_lora: Path,
         health={"canary_idle": 30.0},
         metrics={"port": metrics_port},
         discovery={"backend": "none"},
-        sleep={"drain_timeout": 10.0},
+        sleep={"drain_timeout": 60.0},
         dynamo={"enabled": True, "file_kv": str(file_kv)},
         lora={"allowed_roots": [str(tiny_lora.parent)]},
     )
     config["engine"].update({"enable_lora": True, "max_lora_rank": 8, "max_loras": 1})
+    # Room for streams long enough to outlast the CLI's start (the sleep test).
+    config["engine"]["max_model_len"] = 2048
     config_path = write_config(tmp / "tiny.toml", config)
     env = dynamo_env(file_kv)
     supervisor = SupervisorProcess(config_path, tmp, metrics_port)
@@ -205,8 +207,9 @@ def cli(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
                            str(node.config_path)], capture_output=True, text=True, timeout=60)
 
 
-def long_stream(base: str, results: list[dict[str, Any]], started: threading.Event) -> None:
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "ignore_eos": True,
+def long_stream(base: str, results: list[dict[str, Any]], started: threading.Event,
+                max_tokens: int = 400) -> None:
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True, "temperature": 0}
     chunks, finish, error = 0, None, None
     try:
@@ -230,26 +233,41 @@ def long_stream(base: str, results: list[dict[str, Any]], started: threading.Eve
 def test_sleep_leaves_discovery_before_the_drain_and_wake_returns(node: Node) -> None:
     sleeper = node.instance(0)
     assert sleeper in file_instances(node.file_kv)
-    # A stream in flight on worker 0 keeps it draining for a while.
+    try:
+        _sleep_while_streaming(node, sleeper)
+    finally:
+        cli(node, "wake", "--worker", "0")  # whatever failed, the next tests need worker 0
+
+
+def _sleep_while_streaming(node: Node, sleeper: str) -> None:
+    # Eight long streams on worker 0 (max_num_seqs), all admitted before the sleep (a request
+    # that arrives after it is refused with 503, by design), keep it draining for seconds; the
+    # CLI itself takes a second to start.
     port = node.supervisor.worker(0)["port"]
     results: list[dict[str, Any]] = []
-    started = threading.Event()
-    stream = threading.Thread(target=long_stream, args=(f"http://127.0.0.1:{port}", results,
-                                                       started), daemon=True)
-    stream.start()
-    assert started.wait(30)
+    streams = []
+    for _ in range(8):
+        started = threading.Event()
+        stream = threading.Thread(target=long_stream, args=(
+            f"http://127.0.0.1:{port}", results, started, 2000), daemon=True)
+        stream.start()
+        streams.append((stream, started))
+    for _, started in streams:
+        assert started.wait(30)
     slept: list[subprocess.CompletedProcess[str]] = []
     sleeping = threading.Thread(target=lambda: slept.append(cli(node, "sleep", "--worker", "0",
                                                                 "--level", "1")))
     sleeping.start()
-    # Out of Dynamo's discovery while the stream still runs (the drain has not ended).
+    # Out of Dynamo's discovery while streams still run (the drain has not ended).
     wait_for(lambda: sleeper not in file_instances(node.file_kv), 10,
              what="worker 0 out of Dynamo's discovery")
-    assert not results, "the drain ended before discovery was left"
-    sleeping.join(60)
-    stream.join(60)
+    assert len(results) < len(streams), "the drain ended before discovery was left"
+    sleeping.join(90)
+    for stream, _ in streams:
+        stream.join(90)
     assert slept and slept[0].returncode == 0, slept
-    assert results and results[0]["finish"] == "length" and results[0]["error"] is None
+    assert len(results) == 8 and all(r["finish"] == "length" and r["error"] is None
+                                     for r in results), results
 
     before = node.served(0)
     for _ in range(4):
