@@ -117,10 +117,10 @@ class DynamoMember:
         self.total_blocks = int(cache.num_gpu_blocks or 0)
         self.generate_endpoint = self.runtime.endpoint(
             f"{self.path}.{self.config.metrics.endpoint}")
-        await self._start_load_publisher()
-        self._start_kv_publishers(int(cache.block_size), vllm_config)
-
         self.block_size = int(cache.block_size)
+        await self._start_load_publisher()
+        self._start_kv_publishers(vllm_config)
+
         await register_model(
             ModelInput.Tokens, ModelType.Chat | ModelType.Completions, self.generate_endpoint,
             self.config.model.path, self.config.served_name,
@@ -213,7 +213,7 @@ class DynamoMember:
             self.load_publisher.publish(dp_rank, kv_used_blocks=int(
                 self.total_blocks * cache_usage))
 
-    def _start_kv_publishers(self, block_size: int, vllm_config: Any) -> None:
+    def _start_kv_publishers(self, vllm_config: Any) -> None:
         if self.kv_events is None:
             return
         from dynamo.llm import KvEventPublisher
@@ -223,7 +223,7 @@ class DynamoMember:
         for rank in range(first, first + int(parallel.data_parallel_size_local or 1)):
             suffix = "" if rank == 0 else f"_dp{rank}"
             self.kv_publishers.append(KvEventPublisher(
-                endpoint=self.generate_endpoint, kv_block_size=block_size,
+                endpoint=self.generate_endpoint, kv_block_size=self.block_size,
                 zmq_endpoint=f"{self.kv_events}{suffix}", zmq_topic=KV_EVENTS_TOPIC,
                 enable_local_indexer=True, dp_rank=rank))
 

@@ -75,7 +75,7 @@ def sampling_kwargs(request: Mapping[str, Any], defaults: Mapping[str, Any],
     return kwargs
 
 
-def finish_reason(reason: str | None, stop_reason: Any = None) -> str | None:
+def finish_reason(reason: str | None) -> str | None:
     """vLLM's finish reason as Dynamo's frontend reads it: "abort" is "cancelled"."""
     if not reason:
         return None

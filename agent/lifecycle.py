@@ -61,7 +61,9 @@ class SleepController:
     def describe(self) -> dict[str, Any]:
         return {"is_sleeping": self.sleeping, "level": self.level,
                 "asleep_tags": sorted(self.asleep_tags),
-                "memory_release_supported": self.memory_release}
+                "memory_release_supported": self.memory_release,
+                # What a sleep (or a stop) would wait for now.
+                "requests_in_flight": self._in_flight()}
 
     def _in_flight(self) -> int:
         # Admitted by the HTTP front (possibly not yet in the engine), or in the engine.

@@ -38,8 +38,14 @@ from typing import Any
 import httpx
 
 from benchmarks.worker_bench import ENV, machine
-from tests.harness import SupervisorProcess, engine_config, free_port, wait_for, write_config
-from tests.harness.dynamo import DynamoFrontend, dynamo_env, file_instances, vllm_counter
+from tests.harness import SupervisorProcess, wait_for, write_config
+from tests.harness.dynamo import (
+    DynamoFrontend,
+    dynamo_env,
+    dynamo_node,
+    file_instances,
+    vllm_counter,
+)
 
 ENV_ALL = {**os.environ, **ENV}
 VLLM_BENCH = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
@@ -73,20 +79,15 @@ class Setup:
     def __init__(self, model: Path, tmp: Path):
         self.file_kv = tmp / "dynamo-kv"
         self.file_kv.mkdir()
-        metrics_port, base_port = free_port(), free_port()
-        while free_port() == base_port + 1:
-            pass
-        config = engine_config(
-            model, base_port, workers={"count": 2}, health={"canary_idle": 60.0},
-            metrics={"port": metrics_port}, discovery={"backend": "none"},
-            engine={"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 2**20},
-            dynamo={"enabled": True, "file_kv": str(self.file_kv)})
-        self.supervisor = SupervisorProcess(write_config(tmp / "tiny.toml", config), tmp,
-                                            metrics_port, env=ENV)
+        spec = dynamo_node(
+            model, file_kv=self.file_kv, workers={"count": 2}, health={"canary_idle": 60.0},
+            engine={"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 2**20})
+        self.supervisor = SupervisorProcess(write_config(tmp / "tiny.toml", spec.config), tmp,
+                                            spec.metrics_port, env=ENV)
         env = {**dynamo_env(self.file_kv), **ENV}
         self.rr = DynamoFrontend(tmp / "frontend-rr.log", "round-robin", env=env)
         self.kv = DynamoFrontend(tmp / "frontend-kv.log", "kv", env=env)
-        self.ports = [base_port, base_port + 1]
+        self.ports = [spec.base_port, spec.base_port + 1]
 
     def __enter__(self) -> Setup:
         self.supervisor.wait_workers(lambda ws: len(ws) == 2 and all(

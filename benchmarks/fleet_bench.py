@@ -28,7 +28,8 @@ from typing import Any
 import httpx
 
 from benchmarks.worker_bench import ENV, machine
-from tests.harness import EtcdServer, SupervisorProcess, engine_config, free_port, write_config
+from tests.harness import EtcdServer, SupervisorProcess, write_config
+from tests.harness.dynamo import dynamo_node
 
 
 class Prober:
@@ -102,16 +103,12 @@ def main() -> None:
         try:
             for node in ("node-a", "node-b"):
                 (tmp / node).mkdir()
-                metrics, base, front = free_port(), free_port(), free_port()
-                config = engine_config(
-                    model, base, workers={"count": 1}, health={"canary_idle": 60.0},
-                    metrics={"port": metrics},
-                    discovery={"backend": "etcd", "etcd_endpoints": [etcd.url]},
-                    dynamo={"enabled": True, "discovery_backend": "etcd"},
-                    frontend={"enabled": True, "port": front, "router_mode": "round-robin"})
-                nodes.append(SupervisorProcess(write_config(tmp / node / f"{node}.toml", config),
-                                               tmp / node, metrics, env=ENV))
-                fronts.append(f"http://127.0.0.1:{front}")
+                spec = dynamo_node(model, etcd_url=etcd.url, frontend_router="round-robin",
+                                   workers={"count": 1}, health={"canary_idle": 60.0})
+                nodes.append(SupervisorProcess(
+                    write_config(tmp / node / f"{node}.toml", spec.config), tmp / node,
+                    spec.metrics_port, env=ENV))
+                fronts.append(spec.front)
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and not all(
                     (n.status() or {}).get("ready") for n in nodes):

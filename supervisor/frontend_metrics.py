@@ -16,8 +16,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_vllm.supervisor.frontend import FrontendChild
+from dynamo_vllm.supervisor.metrics import PREFIX
 
-PREFIX = "dynamo_agent"
 ROLE = "role"
 SCRAPE_TIMEOUT_S = 2.0
 # Families the supervisor serves from elsewhere: a second family of the same name would make

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import httpx
 
-from tests.harness.basics import free_port, wait_for
+from tests.harness.basics import engine_config, free_port, wait_for
 from tests.harness.processes import ProcessTree
 
 
@@ -23,6 +25,48 @@ def dynamo_env(file_kv: Path | None = None, etcd_url: str | None = None) -> dict
     if etcd_url is not None:
         env["ETCD_ENDPOINTS"] = etcd_url
     return env
+
+
+@dataclass
+class DynamoNode:
+    """A supervisor's config with [dynamo] on, and the loopback ports it was given."""
+    config: dict[str, Any]
+    metrics_port: int
+    base_port: int
+    frontend_port: int | None
+
+    @property
+    def front(self) -> str:
+        return f"http://127.0.0.1:{self.frontend_port}"
+
+
+def dynamo_node(model: Path, *, file_kv: Path | None = None, etcd_url: str | None = None,
+                frontend_router: str | None = None,
+                **sections: dict[str, Any]) -> DynamoNode:
+    """One node's config for the tiny model in Dynamo's runtime: the node's records in etcd
+    at `etcd_url` (if given); Dynamo's discovery under `file_kv` if given (this node's
+    workers seen by this node's frontend only), else in the same etcd (seen by every
+    frontend of the fleet); its own frontend child when `frontend_router` names a router
+    mode."""
+    metrics_port, base_port = free_port(), free_port()
+    frontend_port = free_port() if frontend_router else None
+    discovery: dict[str, Any] = {"backend": "none"}
+    if etcd_url is not None:
+        discovery = {"backend": "etcd", "etcd_endpoints": [etcd_url]}
+    if file_kv is not None:
+        dynamo: dict[str, Any] = {"enabled": True, "file_kv": str(file_kv)}
+    else:
+        assert etcd_url is not None, "Dynamo's discovery needs etcd or a directory"
+        dynamo = {"enabled": True, "discovery_backend": "etcd"}
+    extra: dict[str, dict[str, Any]] = {"metrics": {"port": metrics_port},
+                                        "discovery": discovery, "dynamo": dynamo}
+    if frontend_router:
+        extra["frontend"] = {"enabled": True, "port": frontend_port,
+                             "router_mode": frontend_router}
+    for name, values in sections.items():
+        extra[name] = {**extra.get(name, {}), **values}
+    return DynamoNode(engine_config(model, base_port, **extra), metrics_port, base_port,
+                      frontend_port)
 
 
 class DynamoFrontend(ProcessTree):
@@ -66,9 +110,13 @@ def file_instances(file_kv: Path, endpoint: str = "generate") -> set[str]:
     return found
 
 
-def vllm_counter(port: int, name: str) -> float:
-    """A vLLM counter (e.g. `request_success`) summed over its series, from a worker's own
-    /metrics."""
+def vllm_gauge(port: int, name: str) -> float:
+    """A vLLM series (e.g. `num_requests_running`) summed over its labels, from a worker's
+    own /metrics."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(rf"^vllm:{name}_total\{{[^}}]*\}} (\S+)", text,
-                                            re.M))
+    return sum(float(v) for v in re.findall(rf"^vllm:{name}\{{[^}}]*\}} (\S+)", text, re.M))
+
+
+def vllm_counter(port: int, name: str) -> float:
+    """A vLLM counter (e.g. `request_success`), as `vllm_gauge` reads it."""
+    return vllm_gauge(port, f"{name}_total")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -25,8 +26,14 @@ import openai
 import psutil
 import pytest
 
-from tests.harness import SupervisorProcess, engine_config, free_port, wait_for, write_config
-from tests.harness.dynamo import DynamoFrontend, dynamo_env, file_instances, vllm_counter
+from tests.harness import SupervisorProcess, wait_for, write_config
+from tests.harness.dynamo import (
+    DynamoFrontend,
+    dynamo_env,
+    dynamo_node,
+    file_instances,
+    vllm_counter,
+)
 from tests.harness.streams import sse_data
 
 pytestmark = pytest.mark.engine
@@ -58,25 +65,18 @@ def node(tiny_model: Path, tiny_lora: Path,
     tmp = tmp_path_factory.mktemp("dynamo")
     file_kv = tmp / "dynamo-kv"
     file_kv.mkdir()
-    metrics_port, base_port = free_port(), free_port()
-    while free_port() == base_port + 1:
-        pass
-    config = engine_config(
-        tiny_model, base_port,
+    spec = dynamo_node(
+        tiny_model, file_kv=file_kv,
         workers={"count": 2, "restart_backoff": 0.5, "stop_timeout": 30.0},
         health={"canary_idle": 30.0},
-        metrics={"port": metrics_port},
-        discovery={"backend": "none"},
         sleep={"drain_timeout": 60.0},
-        dynamo={"enabled": True, "file_kv": str(file_kv)},
         lora={"allowed_roots": [str(tiny_lora.parent)]},
-    )
-    config["engine"].update({"enable_lora": True, "max_lora_rank": 8, "max_loras": 1})
-    # Room for streams long enough to outlast the CLI's start (the sleep test).
-    config["engine"]["max_model_len"] = 2048
-    config_path = write_config(tmp / "tiny.toml", config)
+        # Room for streams long enough to outlast the CLI's start (the sleep test).
+        engine={"enable_lora": True, "max_lora_rank": 8, "max_loras": 1,
+                "max_model_len": 2048})
+    config_path = write_config(tmp / "tiny.toml", spec.config)
     env = dynamo_env(file_kv)
-    supervisor = SupervisorProcess(config_path, tmp, metrics_port)
+    supervisor = SupervisorProcess(config_path, tmp, spec.metrics_port)
     # Migration on: a stream cut by a dead worker goes on at the other one.
     rr = DynamoFrontend(tmp / "frontend-rr.log", "round-robin", env=env,
                         extra=["--migration-limit", "3"])
@@ -234,40 +234,46 @@ def test_sleep_leaves_discovery_before_the_drain_and_wake_returns(node: Node) ->
     sleeper = node.instance(0)
     assert sleeper in file_instances(node.file_kv)
     try:
-        _sleep_while_streaming(node, sleeper)
+        _sleep_while_a_request_is_held(node, sleeper)
     finally:
         cli(node, "wake", "--worker", "0")  # whatever failed, the next tests need worker 0
 
 
-def _sleep_while_streaming(node: Node, sleeper: str) -> None:
-    # Eight long streams on worker 0 (max_num_seqs), all admitted before the sleep (a request
-    # that arrives after it is refused with 503, by design), keep it draining for seconds; the
-    # CLI itself takes a second to start.
+def held_request(port: int) -> tuple[socket.socket, bytes]:
+    """A completion whose body is sent only in part: the worker has admitted it (its HTTP
+    front passed it on) and waits for the rest, so a drain lasts until the test sends it."""
+    body = json.dumps({"model": "tiny", "prompt": "held", "max_tokens": 4,
+                       "temperature": 0}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:8])
+    return sock, body[8:]
+
+
+def _sleep_while_a_request_is_held(node: Node, sleeper: str) -> None:
     port = node.supervisor.worker(0)["port"]
-    results: list[dict[str, Any]] = []
-    streams = []
-    for _ in range(8):
-        started = threading.Event()
-        stream = threading.Thread(target=long_stream, args=(
-            f"http://127.0.0.1:{port}", results, started, 2000), daemon=True)
-        stream.start()
-        streams.append((stream, started))
-    for _, started in streams:
-        assert started.wait(30)
-    slept: list[subprocess.CompletedProcess[str]] = []
-    sleeping = threading.Thread(target=lambda: slept.append(cli(node, "sleep", "--worker", "0",
-                                                                "--level", "1")))
-    sleeping.start()
-    # Out of Dynamo's discovery while streams still run (the drain has not ended).
-    wait_for(lambda: sleeper not in file_instances(node.file_kv), 10,
-             what="worker 0 out of Dynamo's discovery")
-    assert len(results) < len(streams), "the drain ended before discovery was left"
+    sock, rest = held_request(port)
+    with sock:
+        wait_for(lambda: node.worker_health(0)["sleep"]["requests_in_flight"] == 1, 30,
+                 what="the held request admitted by worker 0")
+        slept: list[subprocess.CompletedProcess[str]] = []
+        sleeping = threading.Thread(target=lambda: slept.append(
+            cli(node, "sleep", "--worker", "0", "--level", "1")), daemon=True)
+        sleeping.start()
+        wait_for(lambda: sleeper not in file_instances(node.file_kv), 30,
+                 what="worker 0 out of Dynamo's discovery")
+        # Out of discovery while the drain still waits for the admitted request.
+        assert sleeping.is_alive() and not slept, "the drain ended before discovery was left"
+        sock.sendall(rest)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[:500]
+    assert json.loads(payload)["choices"][0]["finish_reason"] == "length", payload[:500]
     sleeping.join(90)
-    for stream, _ in streams:
-        stream.join(90)
     assert slept and slept[0].returncode == 0, slept
-    assert len(results) == 8 and all(r["finish"] == "length" and r["error"] is None
-                                     for r in results), results
 
     before = node.served(0)
     for _ in range(4):

@@ -1,98 +1,135 @@
-"""Two nodes in one Dynamo deployment: two supervisors (two instances, as two machines would
-run them) register their workers in one real etcd, and one Dynamo frontend routes to all four.
+"""A fleet on one etcd: three supervisors (three instances, as three machines would run them)
+publish their records in one real etcd. Nodes a and b register their workers in Dynamo's
+discovery in that etcd too: node a's own frontend (a supervised child) routes to all four.
+Node c keeps Dynamo's discovery on the node (`[dynamo] discovery_backend = "file"`): its
+frontend routes to its worker alone and no other frontend routes to it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import (
-    EtcdServer,
-    SupervisorProcess,
-    engine_config,
-    free_port,
-    wait_for,
-    write_config,
-)
-from tests.harness.dynamo import DynamoFrontend, dynamo_env, vllm_counter
+from tests.harness import EtcdServer, SupervisorProcess, wait_for, write_config
+from tests.harness.dynamo import dynamo_node, vllm_counter
 
 pytestmark = pytest.mark.engine
 
+# A node stopped with SIGTERM takes its workers out of discovery before they drain; the
+# frontend watches etcd. What a SIGKILLed node leaves behind lasts a lease (docs/fleet.md).
+LEAVE_BOUND_S = 5.0
 
-class Fleet:
-    def __init__(self, etcd: EtcdServer, nodes: list[SupervisorProcess],
-                 frontend: DynamoFrontend):
-        self.etcd, self.nodes, self.frontend = etcd, nodes, frontend
+
+@dataclass
+class Node:
+    supervisor: SupervisorProcess
+    front: str
 
     def ports(self) -> list[int]:
-        return [w["port"] for node in self.nodes for w in node.status()["workers"]]  # type: ignore[index]
+        return [w["port"] for w in self.supervisor.status()["workers"]]  # type: ignore[index]
+
+
+@dataclass
+class Fleet:
+    etcd: EtcdServer
+    a: Node
+    b: Node
+    solo: Node
 
 
 def served(port: int) -> float:
     return vllm_counter(port, "request_success")
 
 
+def complete(front: str, prompt: str) -> None:
+    answer = httpx.post(front + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 2})
+    assert answer.status_code == 200, answer.text
+
+
+def instances(front: str, namespace: str) -> int:
+    health = httpx.get(front + "/health", timeout=10).json()
+    return sum(1 for i in health.get("instances", [])
+               if i.get("endpoint") == "generate" and i.get("namespace") == namespace)
+
+
 @pytest.fixture(scope="module")
 def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
     etcd = EtcdServer(tmp / "etcd", tmp / "etcd.log").start()
-    nodes: list[SupervisorProcess] = []
-    frontend: DynamoFrontend | None = None
+    nodes: dict[str, Node] = {}
+    plans = {"node-a": (2, "round-robin", False), "node-b": (2, None, False),
+             "node-c": (1, "round-robin", True)}
     try:
-        for name in ("node-a", "node-b"):
+        for name, (count, router, node_only) in plans.items():
             node_tmp = tmp / name
             node_tmp.mkdir()
-            metrics_port, base_port = free_port(), free_port()
-            while free_port() == base_port + 1:
-                pass
-            config = engine_config(
-                tiny_model, base_port, workers={"count": 2},
-                health={"canary_idle": 30.0}, metrics={"port": metrics_port},
-                discovery={"backend": "etcd", "etcd_endpoints": [etcd.url]},
-                dynamo={"enabled": True, "discovery_backend": "etcd"})
-            # The config's file name is the instance's name: two nodes, two names.
-            nodes.append(SupervisorProcess(write_config(node_tmp / f"{name}.toml", config),
-                                           node_tmp, metrics_port))
-        frontend = DynamoFrontend(tmp / "frontend.log", "round-robin", discovery="etcd",
-                                  env=dynamo_env(etcd_url=etcd.url))
-        for node in nodes:
-            node.wait_workers(lambda ws: len(ws) == 2 and all(
-                w["state"] == "serving" for w in ws), 300, "both workers of a node serving")
-        frontend.wait_model("tiny", 60)
-        yield Fleet(etcd, nodes, frontend)
+            spec = dynamo_node(tiny_model, etcd_url=etcd.url, frontend_router=router,
+                               file_kv=node_tmp / "dynamo-kv" if node_only else None,
+                               # No canary while a test counts requests.
+                               workers={"count": count}, health={"canary_idle": 600.0})
+            # The config's file name is the instance's name: three nodes, three names. Nor
+            # Dynamo's own canary (its runtime sends idle workers a health request).
+            supervisor = SupervisorProcess(write_config(node_tmp / f"{name}.toml", spec.config),
+                                           node_tmp, spec.metrics_port,
+                                           env={"DYN_HEALTH_CHECK_ENABLED": "false"})
+            nodes[name] = Node(supervisor, spec.front if router else "")
+        for node in nodes.values():
+            # READY (with a frontend: the frontend serves the model) is what systemd waits for.
+            wait_for(lambda node=node: (node.supervisor.status() or {}).get("ready"), 300,
+                     interval=1.0, what="every node ready")
+        yield Fleet(etcd, nodes["node-a"], nodes["node-b"], nodes["node-c"])
     finally:
-        if frontend is not None:
-            frontend.cleanup()
-        for node in nodes:
-            node.cleanup()
+        for node in nodes.values():
+            node.supervisor.cleanup()
         etcd.stop()
 
 
-def test_one_frontend_routes_to_every_worker_of_both_nodes(fleet: Fleet) -> None:
-    ports = fleet.ports()
+def test_one_nodes_frontend_routes_to_every_worker_of_the_fleet(fleet: Fleet) -> None:
+    ports = fleet.a.ports() + fleet.b.ports()
     assert len(ports) == 4
-    before = {port: served(port) for port in ports}
+    solo = fleet.solo.ports()
+    before = {port: served(port) for port in ports + solo}
 
     def every_worker_served() -> bool:
-        httpx.post(fleet.frontend.base + "/v1/completions", timeout=60, json={
-            "model": "tiny", "prompt": "fleet", "max_tokens": 2}).raise_for_status()
+        complete(fleet.a.front, "fleet")
         return all(served(port) > before[port] for port in ports)
     # Round-robin over four instances, once all four are in the frontend's view.
     wait_for(every_worker_served, 60, interval=0.1, what="requests on all four workers")
+    after = {port: served(port) for port in solo}
+    assert all(after[port] == before[port] for port in solo), (
+        "node a's frontend routed to node c", before, after)
 
 
-def test_a_stopped_node_leaves_the_fleet_and_the_other_serves_on(fleet: Fleet) -> None:
-    stopping = fleet.nodes[1]
+def test_a_node_only_node_serves_only_its_own_frontend(fleet: Fleet) -> None:
+    (port,) = fleet.solo.ports()
+    others = fleet.a.ports() + fleet.b.ports()
+    before = {p: served(p) for p in [port, *others]}
+    for _ in range(4):
+        complete(fleet.solo.front, "alone")
+    assert served(port) - before[port] == 4
+    assert all(served(p) == before[p] for p in others)
+    assert instances(fleet.solo.front, "dynamo") == 1
+
+
+def test_a_stopped_node_leaves_the_fleet_within_the_bound(fleet: Fleet) -> None:
+    assert instances(fleet.a.front, "dynamo") == 4
+    stopping = fleet.b.supervisor
+    started = time.monotonic()
     stopping.proc.terminate()
+    wait_for(lambda: instances(fleet.a.front, "dynamo") == 2, LEAVE_BOUND_S, interval=0.1,
+             what=f"node b's workers out of node a's frontend within {LEAVE_BOUND_S:g} s")
+    left = time.monotonic() - started
     stopping.proc.wait(90)
-    survivors = [w["port"] for w in fleet.nodes[0].status()["workers"]]  # type: ignore[index]
+    survivors = fleet.a.ports()
     before = {port: served(port) for port in survivors}
     for _ in range(6):
-        answer = httpx.post(fleet.frontend.base + "/v1/completions", timeout=60, json={
-            "model": "tiny", "prompt": "still here", "max_tokens": 2})
-        assert answer.status_code == 200, answer.text
-    assert sum(served(port) - before[port] for port in survivors) == 6
+        complete(fleet.a.front, "still here")
+    counted = {port: served(port) - before[port] for port in survivors}
+    assert sum(counted.values()) == 6, counted
+    print(f"node b out of node a's frontend {left:.2f} s after SIGTERM")

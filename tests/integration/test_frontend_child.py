@@ -20,7 +20,8 @@ import openai
 import psutil
 import pytest
 
-from tests.harness import SupervisorProcess, engine_config, free_port, wait_for, write_config
+from tests.harness import SupervisorProcess, wait_for, write_config
+from tests.harness.dynamo import dynamo_node
 
 pytestmark = pytest.mark.engine
 
@@ -28,21 +29,16 @@ pytestmark = pytest.mark.engine
 @pytest.fixture(scope="module")
 def node(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisorProcess]:
     tmp = tmp_path_factory.mktemp("frontend")
-    metrics_port, base_port, front_port = free_port(), free_port(), free_port()
-    while free_port() == base_port + 1:
-        pass
-    config = engine_config(
-        tiny_model, base_port,
+    spec = dynamo_node(
+        tiny_model, file_kv=tmp / "dynamo-kv", frontend_router="round-robin",
         workers={"count": 2, "restart_backoff": 0.5, "stop_timeout": 30.0,
                  "drain_timeout": 10.0},
-        health={"canary_idle": 30.0, "poll_interval": 1.0},
-        metrics={"port": metrics_port}, discovery={"backend": "none"},
-        dynamo={"enabled": True, "file_kv": str(tmp / "dynamo-kv")},
-        frontend={"enabled": True, "port": front_port, "router_mode": "round-robin"})
-    config_path = write_config(tmp / "tiny.toml", config)
-    handle = SupervisorProcess(config_path, tmp, metrics_port, env={"WATCHDOG_USEC": "4000000"})
+        health={"canary_idle": 30.0, "poll_interval": 1.0})
+    config_path = write_config(tmp / "tiny.toml", spec.config)
+    handle = SupervisorProcess(config_path, tmp, spec.metrics_port,
+                               env={"WATCHDOG_USEC": "4000000"})
     handle.config_path = config_path  # type: ignore[attr-defined]
-    handle.front = f"http://127.0.0.1:{front_port}"  # type: ignore[attr-defined]
+    handle.front = spec.front  # type: ignore[attr-defined]
     yield handle
     handle.cleanup()
 

@@ -233,13 +233,28 @@ def _oom(soak: Soak, worker: int) -> Any:
     group = root / f"dynamo-vllm-soak-{os.getpid()}-{worker}"
     group.mkdir()
     before = soak.worker(worker)["restarts"]
-    # The engine's processes only: the limit counts what they allocate from now on.
-    for name in ("VLLM::EngineCore", "VLLM::Worker"):
-        (group / "cgroup.procs").write_text(str(_tree(soak, worker, name).pid))
-    # One page: nothing the processes held before is charged here, so the first pages they
-    # need afterwards (a request's tensors) cannot be reclaimed from anywhere: OOM.
+    # One page, set while the group is empty: a limit written once the engine is inside
+    # fails (EBUSY) when the engine has charged more than that in between and it cannot be
+    # reclaimed. Moving a process in does not charge what it already holds, so the first
+    # pages it needs afterwards (a request's tensors) cannot be had: OOM.
     (group / "memory.limit_in_bytes").write_text("4096")
+    try:
+        # The engine's processes only: the limit counts what they allocate from now on.
+        for name in ("VLLM::EngineCore", "VLLM::Worker"):
+            (group / "cgroup.procs").write_text(str(_tree(soak, worker, name).pid))
+    except BaseException:
+        _release_group(group)
+        raise
     return before, group
+
+
+def _release_group(group: Path) -> None:
+    """Moves whatever was put in the group back to its parent, then removes it."""
+    for pid in (group / "cgroup.procs").read_text().split():
+        with contextlib.suppress(OSError):
+            (group.parent / "cgroup.procs").write_text(pid)
+    with contextlib.suppress(OSError):
+        group.rmdir()
 
 
 def _oom_killed(soak: Soak, worker: int, before: Any) -> bool:
