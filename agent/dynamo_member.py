@@ -264,6 +264,7 @@ class DynamoMember:
     async def generate(self, request: dict[str, Any], context: Any) -> AsyncIterator[Any]:
         from dynamo.llm.exceptions import EngineShutdown, InvalidArgument
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         if not self.accepting():
@@ -283,12 +284,14 @@ class DynamoMember:
         builder = ChunkBuilder()
         self.inflight += 1
         cancel = asyncio.ensure_future(self._abort_when_cancelled(context, request_id))
+        answered = False
         try:
             async for output in self.engine.generate({"prompt_token_ids": tokens}, params,
                                                      request_id=request_id,
                                                      lora_request=adapter):
                 for chunk in builder.chunks(output.prompt_token_ids, output.num_cached_tokens,
                                             output.outputs):
+                    answered = True
                     yield chunk
         except asyncio.CancelledError:
             raise
@@ -298,6 +301,11 @@ class DynamoMember:
                 # request to another worker (or, with migration off, fails it explicitly).
                 log.error("Dynamo request %s cut: the engine is dead (%r)", request_id, exc)
                 raise EngineShutdown(f"the engine died during generation: {exc}") from exc
+            if isinstance(exc, VLLMClientError) or (not answered and isinstance(exc, ValueError)):
+                # vLLM refused the request itself (a prompt longer than the context): the
+                # client's error, which the frontend answers with a 4xx, not a 500.
+                log.info("Dynamo request %s refused: %s", request_id, exc)
+                raise InvalidArgument(f"bad request: {exc}") from exc
             log.error("Dynamo request %s failed: %r", request_id, exc)
             yield error_chunk(f"{type(exc).__name__}: {exc}")
         finally:

@@ -3,7 +3,7 @@
     python grafana/build_dashboard.py          # rewrite the JSON
     python grafana/build_dashboard.py --check  # exit 1 if the JSON is not what this writes
 
-Plain dictionaries rather than grafana-foundation-sdk: the dashboard is six rows of
+Plain dictionaries rather than grafana-foundation-sdk: the dashboard is seven rows of
 timeseries and stat panels, and a test lints the output (unique ids, the provisioned
 datasource uid, defined variables, known metric names) and runs every query against a live
 Prometheus, which checks more than a typed builder would.
@@ -82,6 +82,13 @@ def build() -> dict[str, Any]:
     d.row("Throughput")
     d.panel("timeseries", "Generated tokens/s", [(f'sum by (instance, model_name) (dynamo_vllm:generation_tokens:rate1m{{{SEL}, model_name=~"$model"}})', "{{instance}} {{model_name}}")], unit="short", width=12)
     d.panel("timeseries", "Requests/s and prompt tokens/s", [(f'sum by (instance, model_name) (dynamo_vllm:requests:rate1m{{{SEL}, model_name=~"$model"}})', "{{instance}} {{model_name}} req/s"), (f'sum by (instance, model_name) (dynamo_vllm:prompt_tokens:rate1m{{{SEL}, model_name=~"$model"}})', "{{instance}} {{model_name}} prompt tok/s")], unit="short", width=12)
+
+    d.row("Front door (Dynamo's frontend) and routing")
+    FRONT = f'{INST}, model=~"$model"'
+    d.panel("timeseries", "Front door requests/s (by status)", [(f"dynamo_vllm:frontend_requests:rate1m{{{FRONT}}}", "{{instance}} {{model}} {{status}}")], unit="reqps", width=6)
+    d.panel("timeseries", "Front door error ratio", [(f"dynamo_vllm:frontend_errors:ratio5m{{{FRONT}}}", "{{instance}} {{model}}")], unit="percentunit", width=6)
+    d.panel("timeseries", "Time to first token, as clients see it", [(f"dynamo_vllm:frontend_time_to_first_token_seconds:{q}{{{FRONT}}}", f"{{{{instance}}}} {q}") for q in ("p50", "p95", "p99")] + [(f"dynamo_vllm:frontend_inter_token_latency_seconds:p95{{{FRONT}}}", "{{instance}} inter-token p95")], unit="s", width=6)
+    d.panel("timeseries", "Routing: requests/s per worker, prefix-cache hits", [(f'sum by (instance, worker) (dynamo_vllm:requests:rate1m{{{SEL}, model_name=~"$model"}})', "{{instance}} w{{worker}} req/s"), (f"dynamo_vllm:frontend_prefix_cache_hit:ratio5m{{{FRONT}}}", "{{instance}} prompt tokens from the prefix cache")], width=6)
 
     d.row("KV cache and queue")
     d.panel("timeseries", "KV cache usage", [(f'dynamo_vllm:kv_cache_usage:ratio{{{SEL}, model=~"$model"}}', "{{instance}} w{{worker}}")], unit="percentunit", width=8)

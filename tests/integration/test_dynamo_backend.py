@@ -146,6 +146,24 @@ def test_bad_sampling_values_get_a_4xx_through_the_frontend(node: Node,
     assert 400 <= answer.status_code < 500, (bad, answer.status_code, answer.text)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_longer_than_the_context_gets_a_4xx_through_the_frontend(
+        node: Node, stream: bool) -> None:
+    # The frontend passes it on; the worker's engine refuses it (vLLM's own validation).
+    answer = httpx.post(node.rr.base + "/v1/completions", timeout=30, json={
+        "model": "tiny", "prompt": "word " * 3000, "max_tokens": 4, "stream": stream})
+    if stream:
+        # A stream's status is sent before the worker answers: the refusal is its one event.
+        events = [json.loads(d) for d in answer.text.split("data: ")[1:]
+                  if not d.startswith("[DONE]")]
+        assert answer.status_code == 200 and len(events) == 1, answer.text[:500]
+        error = events[0]["error"]
+        assert error["code"] == 400 and error["type"] == "invalid_request_error", error
+    else:
+        assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:500])
+    assert "maximum context length" in answer.text, answer.text[:500]
+
+
 def test_round_robin_spreads_requests_over_both_workers(node: Node) -> None:
     before = [node.served(0), node.served(1)]
     for _ in range(6):

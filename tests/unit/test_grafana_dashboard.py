@@ -52,8 +52,9 @@ def test_panel_ids_are_unique_and_rows_are_there() -> None:
     ids = [p["id"] for p in DASHBOARD["panels"]]
     assert len(ids) == len(set(ids))
     rows = [p["title"] for p in DASHBOARD["panels"] if p["type"] == "row"]
-    assert rows == ["Overview", "Latency", "Throughput", "KV cache and queue", "Node and GPU",
-                    "Checkpoint/restore"]
+    assert rows == ["Overview", "Latency", "Throughput",
+                    "Front door (Dynamo's frontend) and routing", "KV cache and queue",
+                    "Node and GPU", "Checkpoint/restore"]
 
 
 def test_datasources_match_the_provisioning() -> None:

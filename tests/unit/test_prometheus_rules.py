@@ -44,7 +44,8 @@ def test_every_alert_has_a_firing_and_a_silent_case() -> None:
         for case in test["alert_rule_test"]:
             cases.setdefault(case["alertname"], []).append(bool(case["exp_alerts"]))
     names = {rule["alert"] for rule in alerts()}
-    assert names == {"AgentDown", "WorkerDown", "FrontendDown", "WorkerCrashLooping", "EngineHung",
+    assert names == {"AgentDown", "WorkerDown", "FrontendDown", "FrontendErrors",
+                     "WorkerCrashLooping", "EngineHung",
                      "KVCacheNearlyFull", "HighTTFT", "RestoreFellBackToColdStart", "GPUHot",
                      "NodeMemoryPressure"}
     for name in names:
