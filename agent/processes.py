@@ -19,10 +19,23 @@ log = logging.getLogger(__name__)
 
 
 def descendants() -> list[psutil.Process]:
+    """This process's descendants that hold engine resources: all but multiprocessing's
+    resource tracker. The tracker ignores SIGTERM (so a stop had to SIGKILL it and warned on
+    every clean stop), holds no memory of the engine's, and exits by itself once this
+    process is gone, after unlinking any shared memory still registered: killing it would
+    leak that instead."""
     try:
-        return psutil.Process().children(recursive=True)
+        children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
+    return [child for child in children if not _is_resource_tracker(child)]
+
+
+def _is_resource_tracker(proc: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 def kill_all(processes: list[psutil.Process], grace: float = 2.0) -> list[int]:

@@ -17,9 +17,12 @@ DEFAULT_CONFIG_DIR = "/etc/dynamo-vllm"
 
 
 def config_path_for(name_or_path: str) -> Path:
-    """A path as given, or NAME as `$DYNAMO_VLLM_CONFIG_DIR/NAME.toml` (/etc/dynamo-vllm)."""
+    """A path (it ends in .toml or has a /) as given; anything else is an instance NAME:
+    `$DYNAMO_VLLM_CONFIG_DIR/NAME.toml` (/etc/dynamo-vllm). Never a file of that bare name in
+    the working directory: under the unit (WorkingDirectory=/var/lib/dynamo-vllm) a model
+    directory named like the instance would be read as its config."""
     candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or "/" in name_or_path or candidate.exists():
+    if candidate.suffix == ".toml" or "/" in name_or_path:
         return candidate
     return Path(os.environ.get(CONFIG_DIR_ENV, DEFAULT_CONFIG_DIR)) / f"{name_or_path}.toml"
 

@@ -1,4 +1,5 @@
-"""Commands that talk to a running instance: status, endpoints, sleep/wake, checkpoints."""
+"""Commands that talk to a running instance: status, endpoints, sleep/wake, checkpoints,
+reload."""
 
 from __future__ import annotations
 
@@ -198,3 +199,50 @@ def restore(target: str, worker: int | None, timeout: float) -> None:
         else:
             click.echo(f"worker {index}: not serving after {timeout:g} s", err=True)
             sys.exit(1)
+
+
+@click.command()
+@click.argument("target", metavar="NAME|FILE")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait for the reload to end (a roll of the workers takes minutes) and "
+                   "report its outcome; exit 1 if it was refused or failed.")
+@click.option("--timeout", default=1800.0, show_default=True,
+              help="Seconds to wait for the reload to end.")
+@click.option("--json", "as_json", is_flag=True, help="The outcome as JSON.")
+def reload(target: str, wait: bool, timeout: float, as_json: bool) -> None:
+    """Apply the config file again (SIGHUP to the supervisor, what `systemctl reload` sends).
+
+    Workers roll one at a time when a setting of theirs changed; settings only a restart
+    applies are named (docs/operations.md, "What a reload applies")."""
+    import os
+    import signal
+
+    before = supervisor_get(target, "/status", 5.0)
+    # A reload running now ends first; ours is the one after it: wait until a reload has
+    # finished that started after this point.
+    seen = int((before.get("reload") or {}).get("started", 0))
+    try:
+        os.kill(int(before["pid"]), signal.SIGHUP)
+    except PermissionError:
+        click.echo(f"{target}: not allowed to signal the supervisor (pid {before['pid']}): run "
+                   "as root or the service user, or use systemctl reload", err=True)
+        sys.exit(1)
+    except ProcessLookupError:
+        click.echo(f"{target}: the supervisor (pid {before['pid']}) is gone", err=True)
+        sys.exit(3)
+    if not wait:
+        click.echo(f"{target}: reload requested")
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = supervisor_get(target, "/status", 5.0).get("reload") or {}
+        if int(record.get("finished", 0)) > seen:
+            outcome = str(record.get("outcome", ""))
+            if as_json:
+                click.echo(json.dumps(record, indent=2))
+            else:
+                click.echo(f"{target}: reload {outcome}")
+            sys.exit(0 if outcome.startswith("done") else 1)
+        time.sleep(0.5)
+    click.echo(f"{target}: the reload did not end within {timeout:g} s", err=True)
+    sys.exit(1)

@@ -88,7 +88,8 @@ def run(name: str | None, config_file: str | None, runtime_dir: Path | None,
 
 
 for _command in (control.status, control.sleep, control.wake, control.endpoints,
-                 control.checkpoint, control.checkpoints, control.restore, bench.bench,
+                 control.checkpoint, control.checkpoints, control.restore, control.reload,
+                 bench.bench,
                  tools.tiny_model, tools.engine, tools.config):
     main.add_command(_command)
 

@@ -48,7 +48,7 @@ from dynamo_vllm.supervisor.metrics import (
 from dynamo_vllm.supervisor.notify import Notifier
 from dynamo_vllm.supervisor.phases import Phase, RestartReason
 from dynamo_vllm.supervisor.readiness import FrontendView, Sent, Settings, WorkerView, readiness
-from dynamo_vllm.supervisor.reload import reload
+from dynamo_vllm.supervisor.reload import ReloadRecord, reload
 from dynamo_vllm.supervisor.report import status_document, status_text
 from dynamo_vllm.supervisor.restart_policy import RestartPolicy
 from dynamo_vllm.supervisor.startup import StartupError, port_free
@@ -69,6 +69,9 @@ class Supervisor:
     def __init__(self, config: Config, runtime_dir: Path, config_path: Path | None = None,
                  notifier: Notifier | None = None, instance: str = ""):
         self.config = config
+        # What the listener, checkpointing and the frontend run with until a restart.
+        self.started_config = config
+        self.reloads = ReloadRecord()
         self.instance = instance or config.served_name
         self.config_path = config_path or Path(config.source)
         self.runtime_dir = runtime_dir
@@ -275,7 +278,11 @@ class Supervisor:
         """What STATUS= says now (report.status_text, with the last checkpoint event)."""
         event = (self.chrek.last_event, self.chrek.last_event_at) if self.chrek else None
         text = status_text(self.handles, now, event)
-        return text if self.frontend is None else f"{text}; frontend {self.frontend.state}"
+        if self.frontend is not None:
+            text += f"; frontend {self.frontend.state}"
+        if self.reloads.restart_pending:
+            text += "; restart to apply " + ", ".join(self.reloads.restart_pending)
+        return text
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -324,6 +331,7 @@ class Supervisor:
             self.config, self.handles, text, self.ready, now,
             {"enabled": interval is not None, "pings": self.notifier.watchdog_pings},
             self.chrek.describe() if self.chrek is not None else None)
+        self._snapshot["reload"] = self.reloads.as_dict()
         if self.frontend is not None:
             self._snapshot["frontend"] = self.frontend.describe(now)
 

@@ -111,6 +111,9 @@ def workers_listed(health: Any, config: Config) -> int:
 
 class Service(Protocol):
     config: Config
+    # The frontend runs with this until the unit restarts, through its own restarts too: a
+    # reload names what it changed of it (restart_only.py) instead of applying half of it.
+    started_config: Config
 
     @property
     def stopping(self) -> bool: ...
@@ -155,7 +158,7 @@ class FrontendChild:
     async def run(self, service: Service) -> None:
         """Start, watch and restart the frontend until the service stops or gives it up."""
         while not service.stopping:
-            await self._spawn(service.config)
+            await self._spawn(service.started_config)
             await self._watch(service)
             if service.stopping:
                 return
@@ -193,7 +196,8 @@ class FrontendChild:
             log.error("frontend (pid %d) %s", self.proc.pid, self.last_exit)
 
     async def _poll(self, service: Service) -> None:
-        config, limits = service.config, service.config.health
+        # Where it listens and what it watches as it started; what READY needs as of now.
+        config, limits, current = service.started_config, service.config.health, service.config
         try:
             _, health = await http_client.get_json(config.frontend.host, config.frontend.port,
                                                    "/health", limits.poll_timeout)
@@ -210,14 +214,14 @@ class FrontendChild:
         self.poll_failures = 0
         self.workers = workers_listed(health, config)
         names = [m.get("id") for m in (models or {}).get("data", []) if isinstance(m, dict)]
-        if config.served_name in names and self.workers >= config.min_ready:
+        if current.served_name in names and self.workers >= current.min_ready:
             if not self.serving:
                 self.policy.record_success()
-            self._set(FrontendState.SERVING, f"serving {config.served_name} on port "
+            self._set(FrontendState.SERVING, f"serving {current.served_name} on port "
                                              f"{config.frontend.port}, {self.workers} worker(s)")
         else:
             self._set(FrontendState.WAITING, f"{self.workers} worker(s) listed, "
-                                             f"{config.min_ready} needed")
+                                             f"{current.min_ready} needed")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

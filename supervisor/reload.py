@@ -2,7 +2,8 @@
 
 Settings only the supervisor reads apply at once; a change of the worker's view of the
 config (`contract.config.worker_view`) rolls the workers one at a time, each serving again
-before the next goes; more or fewer workers start or stop. A refused or failed reload
+before the next goes; more or fewer workers start or stop. Settings only a restart applies
+(supervisor/restart_only.py) are named in the log and STATUS=. A refused or failed reload
 leaves the previous config running, and says so in STATUS=.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from dynamo_vllm.contract import config as config_module
 from dynamo_vllm.contract.config import worker_view
 from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
+from dynamo_vllm.supervisor.restart_only import restart_only_changes
 from dynamo_vllm.supervisor.startup import StartupError
 from dynamo_vllm.supervisor.worker_process import WorkerSpec
 
@@ -28,11 +31,38 @@ log = logging.getLogger(__name__)
 ROLL_POLL_S = 0.5
 
 
+@dataclass
+class ReloadRecord:
+    """What `/status` says of reloads: `dynamo-vllm reload --wait` waits for `finished` to
+    pass the count it saw, then reports `outcome`."""
+
+    started: int = 0
+    finished: int = 0
+    outcome: str = ""
+    # Settings changed since the start that only a restart applies (restart_only.py).
+    restart_pending: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"started": self.started, "finished": self.finished, "outcome": self.outcome,
+                "restart_pending": list(self.restart_pending)}
+
+
 async def reload(supervisor: Supervisor) -> None:
     """SIGHUP: apply the config file again. Ends with READY=1 and a STATUS= that says
     whether the reload was refused, failed, or done (unless the service stops meanwhile:
     then STOPPING=1 follows instead)."""
+    record = supervisor.reloads
+    record.started += 1
     supervisor.notifier.reloading("reloading the config")
+    # Stays so only if the reload is cancelled (the service stops) or has a bug.
+    outcome = "ended early: the service stopped, or see the log"
+    try:
+        outcome = await _reload(supervisor)
+    finally:
+        record.finished, record.outcome = record.started, outcome
+
+
+async def _reload(supervisor: Supervisor) -> str:
     try:
         rolled = await _apply(supervisor)
     except (config_module.ConfigError, StartupError) as exc:
@@ -40,15 +70,24 @@ async def reload(supervisor: Supervisor) -> None:
         for line in errors:
             log.error("reload refused: %s", line)
         supervisor.notifier.ready(f"reload refused ({errors[0]}); running the previous config")
-        return
+        return f"refused: {'; '.join(errors)}"
     except Exception as exc:
         log.exception("reload failed")
         supervisor.notifier.ready(f"reload failed ({type(exc).__name__}: {exc}); see the log")
-        return
+        return f"failed: {type(exc).__name__}: {exc}"
     if rolled is None:
-        return
+        return "interrupted: the service is stopping"
+    # Against what is running since the start: a key changed by an earlier reload still
+    # waits for its restart.
+    pending = restart_only_changes(supervisor.started_config, supervisor.config)
+    supervisor.reloads.restart_pending = [key for key, _ in pending]
+    for key, why in pending:
+        log.warning("reload: %s changed, not applied: a restart applies it (%s)", key, why)
     supervisor.notifier.ready(supervisor.status_line(time.monotonic()))
-    log.info("reload done%s", " (workers rolled)" if rolled else "")
+    done = "done" + (" (workers rolled)" if rolled else "") + \
+        (f"; restart to apply {', '.join(k for k, _ in pending)}" if pending else "")
+    log.info("reload %s", done)
+    return done
 
 
 async def _apply(supervisor: Supervisor) -> bool | None:

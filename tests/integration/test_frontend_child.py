@@ -123,7 +123,7 @@ def test_the_front_door_row_and_rules_return_data_in_prometheus(
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
     try:
-        prometheus.wait_ready()
+        prometheus.wait_ready(scrapes=3)  # then polled for data below
         dashboard = json.loads(DASHBOARD_PATH.read_text())
         deadline = time.monotonic() + 30
         while (empty := without_data(prometheus, dashboard, _front_door)) \
@@ -164,5 +164,9 @@ def test_stop_takes_the_frontend_down_first_and_leaves_nothing(
     first_worker_stop = log.find("draining: stopping on SIGTERM", stop)
     assert stop >= 0 and frontend_stopped >= 0, log[-3000:]
     assert first_worker_stop < 0 or frontend_stopped < first_worker_stop
+    # A clean stop says nothing alarming: no error, no engine process killed as a leftover.
+    alarming = [line for line in log[stop:].splitlines()
+                if " ERROR " in line or "killed engine processes" in line]
+    assert not alarming, "\n".join(alarming[:20])
     time.sleep(1)
     assert node.alive_leftovers() == []

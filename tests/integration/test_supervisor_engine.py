@@ -8,10 +8,12 @@ the container tier's.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,8 +128,12 @@ def test_reload_rolls_workers_one_at_a_time(supervisor: SupervisorProcess) -> No
                                                            "max_num_seqs = 6"))
     mark = len(supervisor.notify.fields())
     seen_serving: list[int] = []
-    supervisor.proc.send_signal(signal.SIGHUP)
-    supervisor.notify.wait_field("RELOADING=1", 10, after=mark)
+    # The CLI sends the SIGHUP and waits for the roll to end.
+    reloaded: list[subprocess.CompletedProcess[str]] = []
+    waiting = threading.Thread(target=lambda: reloaded.append(
+        cli("reload", str(config_path), "--json", timeout=400)), daemon=True)
+    waiting.start()
+    supervisor.notify.wait_field("RELOADING=1", 30, after=mark)
 
     def rolled() -> bool:
         status = supervisor.status() or {"workers": []}
@@ -142,13 +148,17 @@ def test_reload_rolls_workers_one_at_a_time(supervisor: SupervisorProcess) -> No
     assert min(seen_serving) >= 1, seen_serving
     # A requested roll is not a failure.
     assert sum(w["restarts"] for w in supervisor.status()["workers"]) == failures  # type: ignore[index]
+    waiting.join(60)
+    assert reloaded and reloaded[0].returncode == 0, reloaded
+    outcome = json.loads(reloaded[0].stdout)
+    assert outcome["outcome"] == "done (workers rolled)" and outcome["restart_pending"] == []
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     import sys
 
     return subprocess.run([sys.executable, "-m", "dynamo_vllm.cli.main", *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_sleep_and_wake_through_the_cli(supervisor: SupervisorProcess) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from dynamo_vllm.cli.main import main
@@ -70,4 +71,17 @@ def test_config_name_resolves_under_config_dir(tmp_path: Path) -> None:
     (tmp_path / "llama.toml").write_text(f'[model]\npath = "{model_dir(tmp_path)}"\n')
     result = CliRunner().invoke(main, ["config", "check", "llama"],
                                 env={"DYNAMO_VLLM_CONFIG_DIR": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+
+
+def test_a_bare_name_is_an_instance_even_beside_a_file_of_that_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The unit's working directory holds a model directory named like the instance.
+    configs = tmp_path / "etc"
+    configs.mkdir()
+    (configs / "llama.toml").write_text(f'[model]\npath = "{model_dir(tmp_path)}"\n')
+    (tmp_path / "llama").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["config", "check", "llama"],
+                                env={"DYNAMO_VLLM_CONFIG_DIR": str(configs)})
     assert result.exit_code == 0, result.output
