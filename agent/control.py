@@ -1,8 +1,10 @@
 """The worker's control routes: sleep, wake, is_sleeping, clear_kv_blocks, LoRA load/unload,
 and snapshot (pause for a checkpoint).
 
-They change state, so by default they answer only clients on loopback, whatever address the
-worker listens on (`workers.control_from_network = true` opts in). Every answer is
+They change state, so by default they answer only clients on loopback (the socket's peer),
+whatever address the worker listens on (`workers.control_from_network = true` opts in), and
+only with the bearer token of `workers.control_token_file`, which a supervisor always sets
+(it writes one at start when the operator names none). Every answer is
 `{"status": "ok"|"error", "message": ...}`; a bad body is a 400 naming the problem.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from dynamo_vllm.agent.lifecycle import SLEEP_LEVELS, WAKE_TAGS, Reply, SleepController, error, ok
 from dynamo_vllm.agent.lora import AdapterRefused, LoraAdapters
-from dynamo_vllm.contract.gate import BadRequest, parse_body, refusal
+from dynamo_vllm.contract.gate import BadRequest, TokenFile, parse_body, refusal
 from dynamo_vllm.contract.protocol import Route
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def wake_tags(body: dict[str, Any]) -> list[str] | None:
 
 
 class ControlRoutes:
-    def __init__(self, allow_remote: bool, lora: LoraAdapters, token: str | None = None):
+    def __init__(self, allow_remote: bool, lora: LoraAdapters, token: TokenFile | None = None):
         self.allow_remote = allow_remote
         self.token = token
         self.controller: SleepController | None = None

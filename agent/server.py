@@ -181,5 +181,8 @@ def make_server(app: ASGIApp, log_level: str, graceful_timeout: float) -> Server
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=max(1, int(graceful_timeout)),
+        # The control gate decides "loopback" from the socket's peer: a same-host proxy
+        # must not turn a forged X-Forwarded-For into a local client.
+        proxy_headers=False,
     )
     return Server(config)

@@ -48,7 +48,7 @@ from dynamo_vllm.agent.status import WorkerStatus
 from dynamo_vllm.contract.config import Config, apply_env
 from dynamo_vllm.contract.discovery import Discovery, EndpointRecord
 from dynamo_vllm.contract.discovery.backends import Backend, backend_for
-from dynamo_vllm.contract.gate import load_token
+from dynamo_vllm.contract.gate import TokenFile
 from dynamo_vllm.contract.labels import worker_labels
 from dynamo_vllm.contract.protocol import Env, ExitCode, WorkerState
 
@@ -75,7 +75,7 @@ class Worker:
         self.instance = os.environ.get(Env.INSTANCE) or config.served_name
         self.discovery = self._discovery()
         self.lora = LoraAdapters(list(config.lora.allowed_roots or []), self._republish)
-        token = load_token(config.workers.control_token_file) \
+        token = TokenFile(config.workers.control_token_file) \
             if config.workers.control_token_file else None
         self.control = ControlRoutes(allow_remote=config.workers.control_from_network,
                                      lora=self.lora, token=token)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dynamo_vllm.cli.common import load_or_exit, local_host, request
+from dynamo_vllm.cli.common import load_or_exit, local_host, request, supervisor_url
 
 
 def _bench_targets(target: str | None, urls: tuple[str, ...]) -> tuple[list[str], str | None]:
@@ -18,7 +18,7 @@ def _bench_targets(target: str | None, urls: tuple[str, ...]) -> tuple[list[str]
         raise click.UsageError("give an instance NAME (every serving worker) or --url")
     cfg = load_or_exit(target, check_paths=False)
     host = local_host(cfg.workers.host)
-    code, status = request(f"http://{cfg.metrics.host}:{cfg.metrics.port}/status", timeout=5)
+    code, status = request(supervisor_url(cfg, "/status"), timeout=5)
     if code == 200:
         ports = [int(w["port"]) for w in status.get("workers", []) if w.get("state") == "serving"]
         if not ports:

@@ -64,14 +64,21 @@ def request(url: str, body: dict | None = None, timeout: float = 60.0,
 
 
 def local_host(host: str) -> str:
-    """Where this machine reaches a server bound to `host` (a wildcard: loopback)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    """Where this machine reaches a server bound to `host`, as a URL's host: a wildcard is
+    loopback (a socket bound to `::` takes IPv4 too), an IPv6 address goes in brackets."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def supervisor_url(cfg: config_module.Config, path: str) -> str:
+    return f"http://{local_host(cfg.metrics.host)}:{cfg.metrics.port}{path}"
 
 
 def supervisor_get(target: str, path: str, timeout: float) -> dict:
     """GET one of the running supervisor's read-only routes; exit 3 when none answers."""
     cfg = load_or_exit(target, check_paths=False)
-    url = f"http://{cfg.metrics.host}:{cfg.metrics.port}{path}"
+    url = supervisor_url(cfg, path)
     code, data = request(url, timeout=timeout)
     if code != 200:
         click.echo(f"{target}: no supervisor answers at {url}: "
@@ -85,16 +92,37 @@ def worker_urls(cfg: config_module.Config, worker: int | None) -> list[tuple[int
     return [(i, f"http://{host}:{cfg.worker_port(i)}") for i in worker_indices(cfg, worker)]
 
 
+def token_path(cfg: config_module.Config) -> str | None:
+    """The token file control needs: the config's, else the one the running supervisor
+    wrote into its runtime directory (None: no supervisor runs, or a bare worker)."""
+    from dynamo_vllm.supervisor.control_token import TOKEN_NAME
+    from dynamo_vllm.supervisor.runtime_dir import runtime_dirs_to_search
+
+    if cfg.workers.control_token_file:
+        return cfg.workers.control_token_file
+    for directory in runtime_dirs_to_search(Path(cfg.source).stem):
+        candidate = directory / TOKEN_NAME
+        try:
+            candidate.lstat()
+        except PermissionError:
+            return str(candidate)  # there, not ours to read: load_token says so
+        except OSError:
+            continue
+        return str(candidate)
+    return None
+
+
 def token_or_exit(cfg: config_module.Config) -> str | None:
     from dynamo_vllm.contract.gate import TokenError, load_token
 
-    if not cfg.workers.control_token_file:
+    path = token_path(cfg)
+    if path is None:
         return None
     try:
-        return load_token(cfg.workers.control_token_file)
+        return load_token(path)
     except TokenError as exc:
-        click.echo(f"workers.control_token_file: {exc} (run as a user who can read it)",
-                   err=True)
+        click.echo(f"the control token: {exc} (run as root or the service user; "
+                   "workers.control_token_file)", err=True)
         sys.exit(ExitCode.CONFIG)
 
 
@@ -123,6 +151,5 @@ def worker_indices(cfg: config_module.Config, worker: int | None) -> list[int]:
 
 def supervisor_post(cfg: config_module.Config, path: str, body: dict,
                      timeout: float) -> tuple[int, dict]:
-    host = local_host(cfg.metrics.host)
-    return request(f"http://{host}:{cfg.metrics.port}{path}", body, timeout,
+    return request(supervisor_url(cfg, path), body, timeout,
                     token=token_or_exit(cfg))

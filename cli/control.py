@@ -17,6 +17,7 @@ from dynamo_vllm.cli.common import (
     request,
     supervisor_get,
     supervisor_post,
+    supervisor_url,
     worker_indices,
 )
 
@@ -130,7 +131,7 @@ def checkpoints(target: str, store: Path | None, as_json: bool) -> None:
 
     cfg = load_or_exit(target, check_paths=False)
     current: dict[str, int] = {}
-    code, status = request(f"http://{cfg.metrics.host}:{cfg.metrics.port}/status", timeout=5)
+    code, status = request(supervisor_url(cfg, "/status"), timeout=5)
     if code == 200:
         store = store or Path((status.get("checkpoint") or {}).get("store") or "") or None
         current = {str(w.get("checkpoint_hash")): int(w["worker"])
@@ -177,7 +178,7 @@ def restore(target: str, worker: int | None, timeout: float) -> None:
     from dynamo_vllm.contract.protocol import Route
 
     cfg = load_or_exit(target, check_paths=False)
-    status_url = f"http://{cfg.metrics.host}:{cfg.metrics.port}/status"
+    status_url = supervisor_url(cfg, "/status")
     for index in worker_indices(cfg, worker):
         code, answer = supervisor_post(cfg, Route.RESTORE, {"worker": index}, 30)
         if code != 202:

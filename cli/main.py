@@ -49,8 +49,10 @@ def worker(config_file: str, index: int, debug: bool) -> None:
 @click.option("--config", "config_file", metavar="FILE",
               help="Config file (instead of NAME, which reads /etc/dynamo-vllm/NAME.toml).")
 @click.option("--runtime-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Private directory for metric files and the effective config "
-                   "(default: $RUNTIME_DIRECTORY, set by systemd).")
+              envvar="DYNAMO_VLLM_RUNTIME_DIR",
+              help="Private directory for metric files, the effective config and the "
+                   "control token (default: $RUNTIME_DIRECTORY, set by systemd; env "
+                   "DYNAMO_VLLM_RUNTIME_DIR, which the control commands read too).")
 @click.option("--debug", is_flag=True, help="Debug logging.")
 def run(name: str | None, config_file: str | None, runtime_dir: Path | None,
         debug: bool) -> None:

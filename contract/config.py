@@ -72,6 +72,13 @@ _ENGINE_KEYS_OWNED = {
     "host": "workers.host",
     "port": "workers.base_port",
 }
+# vLLM server arguments the worker's own HTTP front does not honour: refused, never dropped
+# (a TLS setting that passed and then served plaintext was a finding of the security review).
+_TLS = ("the worker serves plain HTTP; terminate TLS at Dynamo's frontend "
+        "([frontend.args] tls_cert_path, tls_key_path) or a proxy in front")
+_ENGINE_KEYS_REFUSED = {key: _TLS for key in (
+    "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs", "ssl_ciphers",
+    "enable_ssl_refresh")}
 _ENGINE_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
@@ -205,6 +212,9 @@ def _check_engine(raw: Any, errors: list[str]) -> dict[str, Any]:
         normalised = key.replace("-", "_")
         if normalised in _ENGINE_KEYS_OWNED:
             errors.append(f"engine.{key}: set by the agent; use {_ENGINE_KEYS_OWNED[normalised]}")
+            continue
+        if normalised in _ENGINE_KEYS_REFUSED:
+            errors.append(f"engine.{key}: not supported: {_ENGINE_KEYS_REFUSED[normalised]}")
             continue
         if not _ENGINE_KEY.match(key):
             errors.append(f"engine.{key}: not a vLLM argument name (lower case, _ or -)")

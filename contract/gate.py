@@ -2,9 +2,13 @@
 may call (loopback unless `workers.control_from_network`), with what credential (the bearer
 token of `workers.control_token_file`), and how much of a body is read.
 
-Loopback-only is the default protection; an operator who exposes the control routes
-should also set a token. The token file must be private (no group or other permission
-bits), as systemd's LoadCredential= leaves it.
+A credential is required by default: without `workers.control_token_file` the supervisor
+writes a fresh token into its private runtime directory at every start and its workers and
+the CLI (as root or the service user) read it there, so another local account is refused
+even on loopback. Loopback is decided from the socket's peer, never from a header. The token
+file must be private (no group or other permission bits), as systemd's LoadCredential=
+leaves it, and it is read again whenever it changes: a rotated token takes effect in running
+and restored workers alike.
 """
 
 from __future__ import annotations
@@ -51,6 +55,28 @@ def load_token(path: str) -> str:
     return token
 
 
+class TokenFile:
+    """The token of a file, read again whenever the file changes (another inode, size or
+    mtime): a token rotated by a restart or by hand reaches a worker that keeps running,
+    one restored from a checkpoint included, which the read-once token did not."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._seen: tuple[int, ...] | None = None
+        self._token = ""
+
+    def current(self) -> str:
+        try:
+            info = os.stat(self.path)
+        except OSError as exc:
+            raise TokenError(f"cannot read {self.path}: {exc.strerror}") from None
+        seen = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        if seen != self._seen:
+            self._token = load_token(self.path)
+            self._seen = seen
+        return self._token
+
+
 def authorized(header: str | None, token: str | None) -> bool:
     """True when no token is required, or `header` is `Bearer <token>` (constant time)."""
     if not token:
@@ -82,12 +108,20 @@ def is_loopback(host: str | None) -> bool:
 
 
 def refusal(client: str | None, authorization: str | None, *, from_network: bool,
-            token: str | None, needs_token: bool = True) -> tuple[int, str] | None:
-    """(status, message) when the gate refuses this caller, None when it may go on."""
+            token: TokenFile | None, needs_token: bool = True) -> tuple[int, str] | None:
+    """(status, message) when the gate refuses this caller, None when it may go on.
+    `client` is the socket's peer address. A token file that cannot be read closes the
+    gate (503) rather than opening it."""
     if not from_network and not is_loopback(client):
         return 403, ("control routes answer loopback clients only "
                      "(workers.control_from_network)")
-    if needs_token and not authorized(authorization, token):
+    if not needs_token or token is None:
+        return None
+    try:
+        expected = token.current()
+    except TokenError as exc:
+        return 503, f"control is closed: the token file: {exc}"
+    if not authorized(authorization, expected):
         return 401, ("this route needs the bearer token of workers.control_token_file "
                      "(Authorization: Bearer ...)")
     return None

@@ -26,11 +26,12 @@ from dynamo_vllm.contract.config import Config
 from dynamo_vllm.contract.discovery.backends import Document, backend_for
 from dynamo_vllm.contract.discovery.etcd import EtcdDiscovery
 from dynamo_vllm.contract.engine_venv import engine_python
-from dynamo_vllm.contract.gate import TokenError, load_token
+from dynamo_vllm.contract.gate import TokenError, TokenFile, load_token
 from dynamo_vllm.contract.labels import worker_labels
 from dynamo_vllm.contract.protocol import ExitCode, Route
 from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
 from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
+from dynamo_vllm.supervisor.control_token import TOKEN_NAME, with_default_token, write_fresh_token
 from dynamo_vllm.supervisor.devices import assign, detect_gpus, split_cpus
 from dynamo_vllm.supervisor.frontend import FrontendChild, frontend_args_problem
 from dynamo_vllm.supervisor.frontend_metrics import FrontendCollector
@@ -68,6 +69,7 @@ EXTEND_EVERY_S = 20.0
 class Supervisor:
     def __init__(self, config: Config, runtime_dir: Path, config_path: Path | None = None,
                  notifier: Notifier | None = None, instance: str = ""):
+        config = with_default_token(config, runtime_dir)
         self.config = config
         # What the listener, checkpointing and the frontend run with until a restart.
         self.started_config = config
@@ -155,12 +157,16 @@ class Supervisor:
     def policy(self) -> RestartPolicy:
         return RestartPolicy.of(self.config.workers)
 
-    def _token(self) -> str | None:
+    def _token(self) -> TokenFile:
         path = self.config.workers.control_token_file
-        if not path:
-            return None
         try:
-            return load_token(path)
+            if Path(path) == self.runtime_dir / TOKEN_NAME:
+                write_fresh_token(Path(path))
+            load_token(path)
+            return TokenFile(path)
+        except OSError as exc:
+            raise StartupError(f"workers.control_token_file: cannot write {path}: "
+                               f"{exc.strerror or exc}") from None
         except TokenError as exc:
             raise StartupError(f"workers.control_token_file: {exc}") from None
 

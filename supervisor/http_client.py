@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 from typing import Any
 
@@ -20,6 +21,14 @@ MAX_RESPONSE = 1 << 20
 
 class PollError(Exception):
     pass
+
+
+class LocalExhaustion(PollError):
+    """The supervisor itself is out of file descriptors or memory: says nothing about the
+    worker, so it never counts as the worker's failure."""
+
+
+_LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 async def get_json(host: str, port: int, path: str, timeout: float) -> tuple[int, Any]:
@@ -101,4 +110,6 @@ async def _request(host: str, port: int, request: bytes, timeout: float) -> tupl
     try:
         return await asyncio.wait_for(fetch(), timeout)
     except OSError as exc:
+        if exc.errno in _LOCAL_ERRNOS:
+            raise LocalExhaustion(str(exc)) from exc
         raise PollError(str(exc) or type(exc).__name__) from exc

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from dynamo_vllm.contract import config as config_module
 from dynamo_vllm.contract.config import worker_view
 from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
+from dynamo_vllm.supervisor.control_token import with_default_token
 from dynamo_vllm.supervisor.restart_only import restart_only_changes
 from dynamo_vllm.supervisor.startup import StartupError
 from dynamo_vllm.supervisor.worker_process import WorkerSpec
@@ -93,7 +94,7 @@ async def _reload(supervisor: Supervisor) -> str:
 async def _apply(supervisor: Supervisor) -> bool | None:
     """Apply the config file again; True when the workers rolled, None when the
     service stopped meanwhile. Raises ConfigError/StartupError before changing anything."""
-    new = config_module.load(supervisor.config_path)
+    new = with_default_token(config_module.load(supervisor.config_path), supervisor.runtime_dir)
     specs = supervisor.specs(new)
     chrek = supervisor.chrek
     if chrek is not None:

@@ -12,6 +12,11 @@ class RuntimeDirError(Exception):
     pass
 
 
+# Names the runtime directory for `run` (like --runtime-dir) and for the CLI commands that
+# look for the instance's control token in it.
+RUNTIME_DIR_ENV = "DYNAMO_VLLM_RUNTIME_DIR"
+
+
 def _candidates(instance: str) -> list[Path]:
     found: list[Path] = []
     systemd = os.environ.get("RUNTIME_DIRECTORY")
@@ -51,3 +56,14 @@ def private_runtime_dir(instance: str, given: Path | None = None) -> Path:
         except (OSError, RuntimeDirError) as exc:
             errors.append(f"{candidate}: {exc}")
     raise RuntimeDirError("no usable runtime directory: " + "; ".join(errors))
+
+
+def runtime_dirs_to_search(instance: str) -> list[Path]:
+    """Where a running instance's runtime directory may be, for the CLI: the one named by
+    DYNAMO_VLLM_RUNTIME_DIR, the unit's (/run/dynamo-vllm/NAME, whoever asks), then the
+    places `run` falls back to outside systemd."""
+    named = os.environ.get(RUNTIME_DIR_ENV)
+    found = [Path(named)] if named else []
+    found.append(Path("/run/dynamo-vllm") / instance)
+    found += [p for p in _candidates(instance) if p not in found]
+    return found

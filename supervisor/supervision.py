@@ -216,6 +216,9 @@ async def poll(handle: WorkerHandle, service: Service) -> RestartReason | None:
     try:
         code, body = await http_client.get_json(handle.spec.host, handle.spec.port,
                                                 Route.HEALTH, health.poll_timeout)
+    except http_client.LocalExhaustion as exc:
+        log.warning("worker %s: cannot poll /health, the supervisor itself is short of "
+                    "resources (%s); not counted against the worker", handle.name, exc)
     except (TimeoutError, http_client.PollError) as exc:
         refused = isinstance(exc, http_client.PollError)
         if not unanswered_is_expected(handle, refused):

@@ -97,12 +97,27 @@ def render(name: str, model: str, workers: int = 1, port: int = 8100,
                 lines.append(tomli_w.dumps({spec.name: chosen[spec.name]}).rstrip())
             elif spec.default is not None:
                 lines.append("# " + tomli_w.dumps({spec.name: spec.default}).rstrip())
+            else:
+                lines.append(_unset_line(section, spec.name, str(spec.type)))
         lines.append("")
     lines.append("[engine]")
     lines.append(_ENGINE_DOC)
     engine = default_engine_args(workers, gpus)
     lines.append(tomli_w.dumps(engine).rstrip())
     return "\n".join(lines) + "\n"
+
+
+# Settings whose unset value means something other than "empty": an example instead.
+_EXAMPLES = {"workers.gpus": "# gpus = [0, 1]   (unset: every GPU found)"}
+
+
+def _unset_line(section: str, name: str, kind: str) -> str:
+    """A commented line for a setting without a default value (a list or a table), so every
+    key appears in the file."""
+    example = _EXAMPLES.get(f"{section}.{name}")
+    if example:
+        return example
+    return f"# {name} = {'{}' if kind.startswith('dict') else '[]'}"
 
 
 def write(path: Path, text: str, force: bool = False) -> None:

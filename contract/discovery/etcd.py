@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from dynamo_vllm.contract.discovery import Publishable
 from dynamo_vllm.contract.discovery.etcd_gateway import EtcdError, EtcdGateway
+from dynamo_vllm.contract.discovery.target_groups import valid_groups
 
 if TYPE_CHECKING:
     from dynamo_vllm.contract.config import Config
@@ -80,9 +81,9 @@ async def _json_documents(config: Config, prefix: str) -> list[dict[str, Any]]:
 
 
 async def list_target_groups(config: Config) -> list[dict[str, Any]]:
-    """Every supervisor's target group in etcd: the whole fleet (raises EtcdError)."""
-    return [group for group in await _json_documents(config, targets_prefix(config))
-            if isinstance(group.get("targets"), list)]
+    """Every supervisor's target group in etcd, the whole fleet, each checked before it is
+    republished (raises EtcdError)."""
+    return valid_groups(await _json_documents(config, targets_prefix(config)))
 
 
 async def list_records(config: Config, instance: str) -> list[dict[str, Any]]:

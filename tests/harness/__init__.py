@@ -17,6 +17,7 @@ from dynamo_vllm.contract.discovery.etcd_gateway import prefix_end
 from tests.harness.basics import (
     ROOT,
     child_holding,
+    closed_by_peer,
     engine_config,
     free_port,
     wait_for,
@@ -28,7 +29,23 @@ from tests.harness.processes import NotifySocket, ProcessTree, SupervisorProcess
 from tests.harness.streams import sse_data, stream_completion
 
 __all__ = [
-    "ROOT", "EtcdServer", "EtcdWatch", "NotifySocket", "ProcessTree", "SupervisorProcess",
-    "WorkerProcess", "b64", "child_holding", "engine_config", "free_port", "fuzz_openapi",
-    "low_free_port", "prefix_end", "sse_data", "stream_completion", "wait_for", "write_config",
+    "ROOT",
+    "EtcdServer",
+    "EtcdWatch",
+    "NotifySocket",
+    "ProcessTree",
+    "SupervisorProcess",
+    "WorkerProcess",
+    "b64",
+    "child_holding",
+    "closed_by_peer",
+    "engine_config",
+    "free_port",
+    "fuzz_openapi",
+    "low_free_port",
+    "prefix_end",
+    "sse_data",
+    "stream_completion",
+    "wait_for",
+    "write_config",
 ]

@@ -22,6 +22,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True once the other end closed (or reset) this connection; never blocks."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2,
              what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 
-def fuzz_openapi(url: str, max_examples: int = 20, timeout: float = 30.0) -> list[str]:
+def fuzz_openapi(url: str, max_examples: int = 20, timeout: float = 30.0,
+                 headers: dict[str, str] | None = None) -> list[str]:
     """Drive every operation of the OpenAPI document at `url` with schemathesis, bodies and
     queries valid and not: each answer must be a documented code, never a 5xx, within
-    `timeout`. Returns the failures, one line each (empty: all held).
+    `timeout`. `headers` go with every request (the control token, so the fuzz reaches the
+    parsers behind the gate). Returns the failures, one line each (empty: all held).
 
     Written against schemathesis' strategies rather than its pytest plugin, whose lazy
     loader does not work with pytest 9.
@@ -25,7 +27,7 @@ def fuzz_openapi(url: str, max_examples: int = 20, timeout: float = 30.0) -> lis
                       suppress_health_check=list(HealthCheck), print_blob=False)
             @given(case=operation.as_strategy(generation_mode=mode))
             def check(case: schemathesis.Case) -> None:
-                response = case.call(timeout=timeout)
+                response = case.call(timeout=timeout, headers=headers)
                 documented = case.operation.definition.raw.get("responses", {})
                 assert response.status_code < 500 or str(response.status_code) in documented, \
                     f"{response.status_code} {response.text[:200]}"

@@ -163,9 +163,10 @@ class SupervisorProcess(ProcessTree):
     def __init__(self, config_path: Path, tmp: Path, metrics_port: int,
                  env: dict[str, str] | None = None):
         self.notify = NotifySocket(tmp / "notify.sock")
+        self.runtime = tmp / "runtime"
         super().__init__(
             [sys.executable, "-m", "dynamo_vllm.cli.main", "run", "--config",
-             str(config_path), "--runtime-dir", str(tmp / "runtime")],
+             str(config_path), "--runtime-dir", str(self.runtime)],
             tmp / "supervisor.log", {"NOTIFY_SOCKET": str(self.notify.path), **(env or {})})
         self.base = f"http://127.0.0.1:{metrics_port}"
 
@@ -193,6 +194,15 @@ class SupervisorProcess(ProcessTree):
 
     def metrics(self) -> str:
         return httpx.get(self.base + "/metrics", timeout=10).text
+
+    def cli_env(self) -> dict[str, str]:
+        """The environment of a CLI command aimed at this supervisor: where its runtime
+        directory (and so its control token) is."""
+        return {**os.environ, "DYNAMO_VLLM_RUNTIME_DIR": str(self.runtime)}
+
+    def auth(self) -> dict[str, str]:
+        """The header control needs: the token the supervisor wrote at its start."""
+        return {"Authorization": "Bearer " + (self.runtime / "control.token").read_text().strip()}
 
     def cleanup(self) -> None:
         super().cleanup()

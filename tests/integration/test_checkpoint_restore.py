@@ -119,6 +119,7 @@ def test_supervisor_checkpoints_and_restores(tiny_model: Path, tmp_path: Path, c
                     "timeout": 120.0}))
     supervisor = SupervisorProcess(config, tmp_path, metrics_port)
     cli = [sys.executable, "-m", "dynamo_vllm.cli.main"]
+    env = supervisor.cli_env()
     base = f"http://127.0.0.1:{port}"
     try:
         # 1. The automatic checkpoint after the cold start fails on the full store.
@@ -133,19 +134,19 @@ def test_supervisor_checkpoints_and_restores(tiny_model: Path, tmp_path: Path, c
         # 2. Room on the store, and a checkpoint on request: taken, then restored at once.
         subprocess.run(["mount", "-o", "remount,size=4g", str(small_store)], check=True,
                        timeout=30)
-        out = subprocess.run([*cli, "checkpoint", str(config)], capture_output=True,
+        out = subprocess.run([*cli, "checkpoint", str(config)], env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0 and "taken" in out.stdout, out.stdout + out.stderr
         supervisor.wait_workers(lambda ws: ws[0]["state"] == "serving" and ws[0]["restored"],
                                 60, "restored after the checkpoint")
         assert complete(base) == cold, "the restored engine answers differently"
-        listing = subprocess.run([*cli, "checkpoints", str(config)], capture_output=True,
+        listing = subprocess.run([*cli, "checkpoints", str(config)], env=env, capture_output=True,
                                  text=True, timeout=60)
         assert "current" in listing.stdout, listing.stdout + listing.stderr
         assert oct(os.stat(small_store).st_mode & 0o777) == "0o700"
 
         # 3. Idempotent: asked again, nothing is taken.
-        out = subprocess.run([*cli, "checkpoint", str(config)], capture_output=True,
+        out = subprocess.run([*cli, "checkpoint", str(config)], env=env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0 and "stored already" in out.stdout, out.stdout
 
@@ -162,8 +163,8 @@ def test_supervisor_checkpoints_and_restores(tiny_model: Path, tmp_path: Path, c
         assert "dynamo_agent_restore_duration_seconds" in metrics
 
         # 5. Restored on request: stopped gracefully, back from the checkpoint.
-        out = subprocess.run([*cli, "restore", str(config)], capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run([*cli, "restore", str(config)], env=env, capture_output=True,
+                             text=True, timeout=120)
         assert out.returncode == 0 and "serving, restored" in out.stdout, out.stdout + out.stderr
         assert 'dynamo_agent_restores_total{result="restored",worker="0"} 3.0' in \
             supervisor.metrics()

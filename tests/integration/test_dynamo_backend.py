@@ -176,6 +176,7 @@ def test_loaded_adapters_are_models_of_the_frontend(node: Node, tiny_lora: Path)
     ports = [node.supervisor.worker(i)["port"] for i in (0, 1)]
     for port in ports:
         loaded = httpx.post(f"http://127.0.0.1:{port}/v1/load_lora_adapter", timeout=60,
+                            headers=node.supervisor.auth(),
                             json={"lora_name": "sql", "lora_path": str(tiny_lora)})
         assert loaded.status_code == 200, loaded.text
     wait_for(lambda: "sql" in node.rr.models(), 30, what="the adapter listed by the frontend")
@@ -187,7 +188,7 @@ def test_loaded_adapters_are_models_of_the_frontend(node: Node, tiny_lora: Path)
     assert via_frontend.choices[0].text == direct.choices[0].text
     for port in ports:
         httpx.post(f"http://127.0.0.1:{port}/v1/unload_lora_adapter", timeout=60,
-                   json={"lora_name": "sql"}).raise_for_status()
+                   headers=node.supervisor.auth(), json={"lora_name": "sql"}).raise_for_status()
     wait_for(lambda: node.rr.models() == ["tiny"], 30, what="the adapter gone from the frontend")
 
 
@@ -222,7 +223,8 @@ def test_kv_router_sends_a_shared_prefix_to_the_worker_that_holds_it(node: Node)
 
 def cli(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dynamo_vllm.cli.main", *args,
-                           str(node.config_path)], capture_output=True, text=True, timeout=60)
+                           str(node.config_path)], capture_output=True, text=True, timeout=60,
+                          env=node.supervisor.cli_env())
 
 
 def long_stream(base: str, results: list[dict[str, Any]], started: threading.Event,

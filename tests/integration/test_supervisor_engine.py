@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from dynamo_vllm.contract.protocol import ExitCode
 from tests.harness import (
     EtcdServer,
     SupervisorProcess,
+    closed_by_peer,
     engine_config,
     free_port,
     wait_for,
@@ -154,11 +158,12 @@ def test_reload_rolls_workers_one_at_a_time(supervisor: SupervisorProcess) -> No
     assert outcome["outcome"] == "done (workers rolled)" and outcome["restart_pending"] == []
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import sys
 
     return subprocess.run([sys.executable, "-m", "dynamo_vllm.cli.main", *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_sleep_and_wake_through_the_cli(supervisor: SupervisorProcess) -> None:
@@ -167,17 +172,61 @@ def test_sleep_and_wake_through_the_cli(supervisor: SupervisorProcess) -> None:
     assert listed.returncode == 0, listed.stderr
     assert "discovery: etcd (http://127.0.0.1:" in listed.stdout
     assert listed.stdout.count("state=serving") == 2
-    slept = cli("sleep", config, "--worker", "1", "--level", "0")
+    slept = cli("sleep", config, "--worker", "1", "--level", "0", env=supervisor.cli_env())
     assert slept.returncode == 0 and "worker 1: ok: asleep (level 0)" in slept.stdout, slept
     status = supervisor.wait_workers(lambda ws: ws[1]["state"] == "sleeping", 20,
                                      "worker 1 sleeping in /status")
     assert status["ready"]  # asleep on purpose: not a failure
     assert "asleep: worker 1" in status["status"]
     assert cli("endpoints", config).stdout.count("state=serving") == 1
-    woke = cli("wake", config, "--worker", "1")
+    woke = cli("wake", config, "--worker", "1", env=supervisor.cli_env())
     assert woke.returncode == 0 and "worker 1: ok: awake" in woke.stdout, woke
     supervisor.wait_workers(serving, 20, "both serving again")
     assert cli("endpoints", config).stdout.count("state=serving") == 2
+
+
+def test_control_needs_the_token_the_supervisor_made(supervisor: SupervisorProcess) -> None:
+    """No token configured: the supervisor made one (0600) and nothing changes state without
+    it, whatever a header claims about the client."""
+    token = supervisor.runtime / "control.token"
+    assert token.stat().st_mode & 0o777 == 0o600
+    worker = f"http://127.0.0.1:{supervisor.worker(1)['port']}/engine/clear_kv_blocks"
+    for headers in ({}, {"Authorization": "Bearer not-the-token-0123456789"},
+                    {"X-Forwarded-For": "127.0.0.1"}):
+        assert httpx.post(worker, headers=headers, timeout=10).status_code == 401, headers
+        assert httpx.post(supervisor.base + "/checkpoint", json={"worker": 0},
+                          headers=headers, timeout=10).status_code == 401, headers
+    assert httpx.post(worker, headers=supervisor.auth(), timeout=30).status_code in (200, 409)
+
+
+def test_idle_connections_neither_starve_the_supervisor_nor_fail_a_worker(
+        supervisor: SupervisorProcess) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    restarts = sum(w["restarts"] for w in supervisor.status()["workers"])  # type: ignore[index]
+    port = int(supervisor.base.rsplit(":", 1)[1])
+    idle = []
+    try:
+        for _ in range(2000):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        # Prometheus and the CLI still get in, while the supervisor keeps polling its workers.
+        for _ in range(3):
+            metrics = httpx.get(supervisor.base + "/metrics", timeout=5)
+            assert metrics.status_code == 200 and "dynamo_agent_worker_up" in metrics.text
+            assert supervisor.status() is not None
+            time.sleep(1.0)
+
+        def closed_by_the_supervisor() -> bool:
+            return all(closed_by_peer(sock) for sock in idle)
+        # Evicted at the connection cap, or closed when the request head timed out.
+        wait_for(closed_by_the_supervisor, 40, interval=1.0, what="idle connections closed")
+    finally:
+        for sock in idle:
+            sock.close()
+    status = supervisor.status()
+    assert status is not None and status["ready"], status
+    assert sum(w["restarts"] for w in status["workers"]) == restarts, status
+    assert all(w["state"] == "serving" for w in status["workers"]), status
 
 
 def test_sigterm_stops_everything(supervisor: SupervisorProcess) -> None:

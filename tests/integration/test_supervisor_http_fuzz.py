@@ -38,7 +38,8 @@ def supervisor(tmp_path_factory: pytest.TempPathFactory, criu: Path) -> Iterator
 
 
 def test_routes_fuzzed_by_their_schema(supervisor: SupervisorProcess) -> None:
-    failures = fuzz_openapi(supervisor.base + "/openapi.json", max_examples=25)
+    failures = fuzz_openapi(supervisor.base + "/openapi.json", max_examples=25,
+                            headers=supervisor.auth())
     assert not failures, "\n".join(failures)
 
 

@@ -172,6 +172,12 @@ def test_fleet_service_discovery_through_etcd(tmp_path: Path) -> None:
                                                    "dynamo_vllm_instance": "llama"}}
     etcd.call("/v3/kv/put", {"key": b64("/dynamo-vllm/v1/instances-scrape-targets/gpu09/llama"),
                              "value": b64(json.dumps(other))})
+    # Planted by whoever can write to etcd: relabelling labels that would send Prometheus'
+    # requests elsewhere. Refused and logged, never republished.
+    planted = {"targets": ["gpu10:9400"], "labels": {"__metrics_path__": "/steal",
+                                                     "__scheme__": "https"}}
+    etcd.call("/v3/kv/put", {"key": b64("/dynamo-vllm/v1/instances-scrape-targets/gpu10/x"),
+                             "value": b64(json.dumps(planted))})
     supervisor = SupervisorProcess(config_path, tmp_path, port)
     try:
         def fleet() -> list | None:
@@ -181,7 +187,9 @@ def test_fleet_service_discovery_through_etcd(tmp_path: Path) -> None:
                 return None
             return groups if len(groups) == 2 else None
         groups = wait_for(fleet, 30, what="both target groups in /sd?scope=fleet")
-        assert other in groups
+        assert other in groups and planted not in groups
+        assert "refused a target group read from etcd: label '__metrics_path__' is reserved" \
+            in supervisor.log()
         ours = next(g for g in groups if g != other)
         assert ours["targets"] == [f"127.0.0.1:{port}"]
         assert ours["labels"]["node"] == socket.gethostname()
@@ -195,7 +203,8 @@ def test_fleet_service_discovery_through_etcd(tmp_path: Path) -> None:
         assert supervisor.proc.wait(60) == ExitCode.STOPPED
         # A clean stop takes our target out; the other node's stays.
         left = etcd.get_prefix("/dynamo-vllm/v1/instances-scrape-targets/")[0]
-        assert list(left) == ["/dynamo-vllm/v1/instances-scrape-targets/gpu09/llama"]
+        assert sorted(left) == ["/dynamo-vllm/v1/instances-scrape-targets/gpu09/llama",
+                                "/dynamo-vllm/v1/instances-scrape-targets/gpu10/x"]
     finally:
         supervisor.cleanup()
         etcd.stop()

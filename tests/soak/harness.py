@@ -241,7 +241,8 @@ class Soak:
         command, rest = args[0], list(args[1:])
         argv = [sys.executable, "-m", "dynamo_vllm.cli.main", command,
                 str(self.config_path), *rest]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "DYNAMO_VLLM_RUNTIME_DIR": str(self.runtime)})
         if check and result.returncode != 0:
             raise AssertionError(f"dynamo-vllm {' '.join(args)} exited {result.returncode}:\n"
                                  f"{result.stdout}{result.stderr}")

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from dynamo_vllm.cli.main import main
+from dynamo_vllm.contract.settings import SECTIONS
 
 
 def model_dir(tmp_path: Path) -> Path:
@@ -32,6 +33,21 @@ def test_config_init_writes_a_file_that_checks(tmp_path: Path) -> None:
     assert "ok (2 worker(s)" in check.output
     again = runner.invoke(main, ["config", "init", "tiny", "--model", "x", "--output", str(out)])
     assert again.exit_code != 0 and "exists" in again.output
+    # Every key appears, set or as a commented default, empty lists and tables included; a
+    # commented key, uncommented, is valid TOML of the right shape.
+    section = ""
+    present: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif " = " in line:
+            key = line.removeprefix("# ").split(" = ")[0]
+            if key.isidentifier():
+                present.add(f"{section}.{key}")
+    for name, cls in SECTIONS.items():
+        for key in cls.__dataclass_fields__:
+            assert f"{name}.{key}" in present, f"{name}.{key}"
+    assert "# labels = {}" in text and "# etcd_endpoints = []" in text
 
 
 def test_config_init_dynamo_turns_the_runtime_on(tmp_path: Path) -> None:
@@ -85,3 +101,11 @@ def test_a_bare_name_is_an_instance_even_beside_a_file_of_that_name(
     result = CliRunner().invoke(main, ["config", "check", "llama"],
                                 env={"DYNAMO_VLLM_CONFIG_DIR": str(configs)})
     assert result.exit_code == 0, result.output
+
+
+def test_urls_from_ipv6_and_wildcard_hosts() -> None:
+    from dynamo_vllm.cli.common import local_host
+
+    assert local_host("::") == "127.0.0.1" and local_host("0.0.0.0") == "127.0.0.1"
+    assert local_host("::1") == "[::1]" and local_host("fd00::5") == "[fd00::5]"
+    assert local_host("10.0.0.2") == "10.0.0.2" and local_host("gpu01") == "gpu01"

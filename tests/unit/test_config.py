@@ -74,6 +74,14 @@ def test_engine_keys_owned_by_agent_are_refused(tmp_path: Path) -> None:
     assert any(e.startswith("engine.Bad Key: not a vLLM argument name") for e in errors)
 
 
+def test_tls_arguments_are_refused_not_dropped(tmp_path: Path) -> None:
+    raw = minimal(tmp_path)
+    raw["engine"] = {"ssl_certfile": "/etc/cert.pem", "ssl-keyfile": "/etc/key.pem"}
+    errors = errors_of(raw)
+    assert len(errors) == 2, errors
+    assert all("not supported: the worker serves plain HTTP" in e for e in errors), errors
+
+
 def test_engine_cli_args() -> None:
     args = cfg.engine_cli_args({"enforce_eager": True, "enable_prefix_caching": False,
                                 "max_model_len": 512, "override_generation_config": {"a": 1},

@@ -16,7 +16,13 @@ from prometheus_client import CollectorRegistry
 
 from dynamo_vllm.agent.control import ControlRoutes
 from dynamo_vllm.agent.lora import LoraAdapters
-from dynamo_vllm.contract.gate import TokenError, authorized, load_token
+from dynamo_vllm.contract.config import Config, from_dict
+from dynamo_vllm.contract.gate import TokenError, TokenFile, authorized, load_token, refusal
+from dynamo_vllm.supervisor.control_token import (
+    TOKEN_NAME,
+    with_default_token,
+    write_fresh_token,
+)
 from dynamo_vllm.supervisor.http import StatusServer
 
 TOKEN = "s3cret-token-0123456789"
@@ -47,8 +53,48 @@ def test_authorized() -> None:
         assert not authorized(header, TOKEN)
 
 
-def test_worker_control_routes_need_the_token() -> None:
-    routes = ControlRoutes(allow_remote=False, lora=LoraAdapters([], None), token=TOKEN)
+def test_a_rotated_token_takes_effect_without_a_restart(tmp_path: Path) -> None:
+    """A worker (a restored one included) reads the file again when it changes."""
+    source = TokenFile(token_file(tmp_path))
+    assert refusal("127.0.0.1", f"Bearer {TOKEN}", from_network=False, token=source) is None
+    rotated = "rotated-token-9876543210"
+    replacement = tmp_path / "token.new"
+    replacement.write_text(rotated + "\n")
+    os.chmod(replacement, 0o600)
+    os.replace(replacement, tmp_path / "token")
+    assert refusal("127.0.0.1", f"Bearer {TOKEN}", from_network=False, token=source)[0] == 401
+    assert refusal("127.0.0.1", f"Bearer {rotated}", from_network=False, token=source) is None
+    (tmp_path / "token").unlink()
+    # A token that cannot be read closes the gate; it never opens it.
+    assert refusal("127.0.0.1", f"Bearer {rotated}", from_network=False, token=source)[0] == 503
+
+
+def test_the_loopback_check_is_the_peer_and_a_header_cannot_pass_it(tmp_path: Path) -> None:
+    source = TokenFile(token_file(tmp_path))
+    assert refusal("10.1.2.3", f"Bearer {TOKEN}", from_network=False, token=source)[0] == 403
+    assert refusal("::ffff:127.0.0.1", f"Bearer {TOKEN}", from_network=False,
+                   token=source) is None
+
+
+def test_the_supervisor_makes_a_private_token_when_none_is_configured(tmp_path: Path) -> None:
+    def config(**workers: str) -> Config:
+        return from_dict({"model": {"path": str(tmp_path)}, "workers": workers},
+                         check_paths=False)
+
+    path = tmp_path / TOKEN_NAME
+    assert with_default_token(config(), tmp_path).workers.control_token_file == str(path)
+    write_fresh_token(path)
+    first = load_token(str(path))
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    write_fresh_token(path)
+    assert load_token(str(path)) != first  # a new one per start
+    given = config(control_token_file="/etc/token")
+    assert with_default_token(given, tmp_path) is given
+
+
+def test_worker_control_routes_need_the_token(tmp_path: Path) -> None:
+    routes = ControlRoutes(allow_remote=False, lora=LoraAdapters([], None),
+                           token=TokenFile(token_file(tmp_path)))
 
     async def call(authorization: str | None, method: str = "POST",
                    path: str = "/engine/sleep") -> int:
@@ -86,14 +132,15 @@ class RecordingRoutes:
         return 202, {"result": "restoring"}
 
 
-def test_supervisor_posts_need_the_token() -> None:
+def test_supervisor_posts_need_the_token(tmp_path: Path) -> None:
     routes = RecordingRoutes()
     calls = routes.calls
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
     loop_thread.start()
     server = StatusServer("127.0.0.1", 0, CollectorRegistry(), lambda: {},
-                          routes, loop, token=TOKEN)  # type: ignore[arg-type]
+                          routes, loop,  # type: ignore[arg-type]
+                          token=TokenFile(token_file(tmp_path)))
     server.start()
     try:
         base = f"http://127.0.0.1:{server.port}"

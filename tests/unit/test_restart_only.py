@@ -12,6 +12,7 @@ import pytest
 from dynamo_vllm.contract.config import from_dict
 from dynamo_vllm.contract.settings import SECTIONS
 from dynamo_vllm.supervisor import reload as reload_module
+from dynamo_vllm.supervisor.control_token import with_default_token
 from dynamo_vllm.supervisor.restart_only import (
     AT_CHECKPOINT_START,
     AT_FRONTEND_START,
@@ -66,7 +67,8 @@ def test_a_reload_names_them_in_the_log_and_status(tmp_path: Path,
     changed = config(tmp_path, metrics={"port": 9500})
 
     async def apply(supervisor: Any) -> bool:
-        supervisor.config = changed  # what _apply does, without starting workers
+        # What _apply does, without starting workers.
+        supervisor.config = with_default_token(changed, supervisor.runtime_dir)
         return False
 
     monkeypatch.setattr(reload_module, "_apply", apply)

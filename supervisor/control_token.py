@@ -1,0 +1,41 @@
+"""The credential control needs by default: without `workers.control_token_file` the
+supervisor writes a fresh token into its private runtime directory at every start (0600,
+the service user's; root reads it too), points its workers at it through the effective
+config, and the CLI finds it there. Another local account, on loopback or not, is refused.
+
+A new token per start: a restart rotates it, and restored workers, which read the token
+file again whenever it changes (`contract.gate.TokenFile`), follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from dataclasses import replace
+from pathlib import Path
+
+from dynamo_vllm.contract.config import Config
+
+TOKEN_NAME = "control.token"
+
+
+def with_default_token(config: Config, runtime_dir: Path) -> Config:
+    """`config` with the runtime directory's token when it names no token file."""
+    if config.workers.control_token_file:
+        return config
+    return replace(config, workers=replace(config.workers,
+                                           control_token_file=str(runtime_dir / TOKEN_NAME)))
+
+
+def write_fresh_token(path: Path) -> None:
+    """A new random token at `path`, written whole (a reader never sees half of it) and
+    private from its first byte."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    os.replace(tmp, path)
