@@ -30,6 +30,9 @@ class AdapterRefused(Exception):
         self.code = code
 
 
+MAX_ADAPTER_ENTRIES = 10_000
+
+
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -53,12 +56,20 @@ def resolve_adapter_dir(raw: str, roots: list[str]) -> Path:
     if not os.path.isfile(os.path.join(real, ADAPTER_CONFIG)):
         raise AdapterRefused(400, f"lora_path {raw!r} has no {ADAPTER_CONFIG} (not a PEFT "
                                   "LoRA adapter)")
-    # The engine opens the files in the directory: a symlink there must not lead out either.
-    for entry in os.scandir(real):
-        target = os.path.realpath(entry.path)
-        if not any(_within(target, root) for root in real_roots):
-            raise AdapterRefused(403, f"{entry.name} in {raw!r} leads outside "
-                                      "lora.allowed_roots")
+    # The engine opens the files in the directory and below: a symlink anywhere in the tree
+    # must not lead out either. Bounded, so a huge tree is refused rather than walked.
+    seen = 0
+    for parent, dirs, files in os.walk(real, followlinks=False):
+        for name in (*dirs, *files):
+            seen += 1
+            if seen > MAX_ADAPTER_ENTRIES:
+                raise AdapterRefused(400, f"lora_path {raw!r} holds more than "
+                                          f"{MAX_ADAPTER_ENTRIES} entries")
+            target = os.path.realpath(os.path.join(parent, name))
+            if not any(_within(target, root) for root in real_roots):
+                shown = os.path.relpath(os.path.join(parent, name), real)
+                raise AdapterRefused(403, f"{shown} in {raw!r} leads outside "
+                                          "lora.allowed_roots")
     return Path(real)
 
 

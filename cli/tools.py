@@ -142,11 +142,15 @@ def config_check(target: str) -> None:
 @click.argument("target", metavar="FILE|NAME")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of TOML.")
 def config_show(target: str, as_json: bool) -> None:
-    """Print the effective config: defaults filled in, environment overrides applied."""
+    """Print the effective config: defaults filled in, environment overrides applied, and
+    secrets in [engine] (an API key) redacted."""
+    from dynamo_vllm.contract.secrets import redact_engine
+
     cfg = load_or_exit(target, check_paths=False)
     for warning in cfg.warnings:
         click.echo(f"warning: {warning}", err=True)
     data = cfg.to_dict()
+    data["engine"] = redact_engine(data.get("engine", {}))
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:

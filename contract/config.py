@@ -28,6 +28,7 @@ from dynamo_vllm.contract.payload import (
     parse_payload_env,
 )
 from dynamo_vllm.contract.protocol import Env
+from dynamo_vllm.contract.secrets import exposed_secrets
 from dynamo_vllm.contract.settings import (
     DEFAULT_ETCD_ENDPOINT,
     SECTIONS,
@@ -365,7 +366,11 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     config = from_dict(raw, source=str(path), check_paths=check_paths)
+    exposed = exposed_secrets(config.engine, path)
+    if exposed:
+        config = replace(config, warnings=(*config.warnings, exposed))
     return apply_env(config, os.environ if environ is None else environ)
+
 
 
 def engine_cli_args(engine: Mapping[str, Any]) -> list[str]:

@@ -240,11 +240,27 @@ def _absolute_paths(value: Any) -> str | None:
     return None
 
 
+# Roots that would let a request load files from anywhere on the system.
+_SYSTEM_DIRS = {"/", "/etc", "/proc", "/sys", "/dev", "/root", "/boot", "/usr", "/bin",
+                "/sbin", "/lib", "/lib64", "/var", "/run", "/home", "/tmp"}
+
+
+def _adapter_roots(value: Any) -> str | None:
+    problem = _absolute_paths(value)
+    if problem:
+        return problem
+    for path in value:
+        if os.path.normpath(path) in _SYSTEM_DIRS:
+            return (f"{path!r} is a system directory: name the directory that holds the "
+                    "adapters")
+    return None
+
+
 @dataclass(frozen=True)
 class LoraSection:
     allowed_roots: list[str] = _setting(None, "Directories LoRA adapters may be loaded from at "
                                               "run time (POST /v1/load_lora_adapter); empty: "
-                                              "loading at run time is off.", _absolute_paths)
+                                              "loading at run time is off.", _adapter_roots)
 
 
 def _keep(value: Any) -> str | None:

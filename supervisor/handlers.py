@@ -8,7 +8,9 @@ answered in the transport's thread from the registry and the status snapshot.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 from dynamo_vllm.contract.config import Config
@@ -17,6 +19,11 @@ from dynamo_vllm.contract.protocol import Route
 
 if TYPE_CHECKING:
     from dynamo_vllm.supervisor.daemon import Supervisor
+
+
+# How long one etcd read of the fleet's targets answers /sd?scope=fleet: a flood of requests
+# costs at most one etcd query per interval (Prometheus refreshes every 30 s or more).
+FLEET_SD_TTL_S = 5.0
 
 
 class Unavailable(Exception):
@@ -41,6 +48,8 @@ class Routes:
 
     def __init__(self, supervisor: Supervisor):
         self.supervisor = supervisor
+        self._fleet: asyncio.Task[list[dict[str, Any]] | None] | None = None
+        self._fleet_at = 0.0
 
     async def endpoints(self) -> dict[str, Any]:
         """What discovery holds for this instance."""
@@ -58,9 +67,15 @@ class Routes:
         has a fleet view (etcd)."""
         supervisor = self.supervisor
         if fleet:
+            stale = time.monotonic() - self._fleet_at > FLEET_SD_TTL_S
+            if self._fleet is None or (self._fleet.done() and stale):
+                # One query at a time, shared by every request that arrives meanwhile.
+                self._fleet = asyncio.create_task(supervisor.discovery.fleet_targets())
+                self._fleet_at = time.monotonic()
             try:
-                groups = await supervisor.discovery.fleet_targets()
+                groups = await asyncio.shield(self._fleet)
             except DiscoveryUnavailable as exc:
+                self._fleet_at = 0.0  # a failure is not kept: the next request asks again
                 # Prometheus keeps its last good list when SD fails; a 503 says why.
                 raise Unavailable(str(exc)) from exc
             if groups is not None:

@@ -31,7 +31,14 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dynamo_vllm.contract.gate import MAX_BODY, BadRequest, TokenFile, parse_body, refusal
+from dynamo_vllm.contract.gate import (
+    MAX_BODY,
+    BadRequest,
+    TokenFile,
+    is_loopback,
+    parse_body,
+    refusal,
+)
 from dynamo_vllm.contract.openapi import supervisor_document
 from dynamo_vllm.contract.protocol import Route
 from dynamo_vllm.supervisor.handlers import Routes, Unavailable
@@ -205,6 +212,13 @@ class StatusServer:
 
     async def _answer(self, request: Request, body: bytes, peer: str | None) -> Answer:
         if request.method == "GET":
+            if request.path in (Route.STATUS, Route.ENDPOINTS) and not is_loopback(peer):
+                # Pids, paths and states are for the node and its operators: from the
+                # network (metrics.host opened), these need the token too.
+                refused = refusal(peer, request.headers.get("authorization"),
+                                  from_network=True, token=self.token)
+                if refused is not None:
+                    return _json(refused[0], {"error": refused[1]})
             return await self._get(request)
         if request.method == "POST":
             return await self._post(request, body, peer)

@@ -31,9 +31,25 @@ def _candidates(instance: str) -> list[Path]:
     return found
 
 
+def _check_parent(parent: Path) -> None:
+    """Whoever owns the parent can rename our directory away and put theirs in its place:
+    it must be ours or root's, and writable by no one else (a sticky /tmp excepted)."""
+    info = os.lstat(parent)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise RuntimeDirError(f"{parent}: not a directory (symlinks are refused)")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise RuntimeDirError(f"{parent}: owned by uid {info.st_uid}, neither this user "
+                              "nor root")
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        raise RuntimeDirError(f"{parent}: writable by group or others "
+                              f"(mode {info.st_mode & 0o777:o})")
+
+
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (mode 0700) or accept it only if it is ours, private and no symlink."""
+    """Create `path` (mode 0700) or accept it only if it is ours, private and no symlink, in
+    a parent no one else controls."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_parent(path.parent)
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
     info = os.lstat(path)

@@ -3,7 +3,8 @@
 Two workers (or two lives of one) share a checkpoint only when all of this is equal: the
 model's files, the worker's view of the config (engine arguments, health, sleep, LoRA,
 discovery, labels), the worker's index, port and devices, the engine's interpreter and vLLM
-version, the agent's version, the accelerator (GPU names, or the CPU model: a CRIU image of
+version, the agent's version, digests of the secrets it holds (an API key in [engine] or
+in the environment), the accelerator (GPU names, or the CPU model: a CRIU image of
 code built for AMX does not run elsewhere) and the kernel release.
 
 Model weights are not read in full (hundreds of GB on a GPU server): each file counts by
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_vllm.contract.config import Config, worker_view
+from dynamo_vllm.contract.secrets import redact_engine, secret_environment
 
 CONTENT_LIMIT = 1 << 20
 HASH_CHARS = 32
@@ -111,9 +113,15 @@ def accelerator(gpu_names: Mapping[int, str], gpus: list[int]) -> str:
 
 def identity(config: Config, index: int, port: int, gpus: list[int], cpus: list[int],
              python: str, engine: str, device: str) -> dict[str, Any]:
-    """What the hash covers, as a document (stored with the checkpoint, for `checkpoints`)."""
+    """What the hash covers, as a document (stored with the checkpoint, for `checkpoints`).
+    Secrets, in [engine] or in the environment the workers inherit, count by digest: a
+    rotated one changes the hash (a restore would bring back a worker that accepts the old
+    one), and the stored document holds none."""
+    view = worker_view(config)
+    view["engine"] = redact_engine(view["engine"], with_digest=True)
     return {
-        "config": worker_view(config),
+        "config": view,
+        "secrets": secret_environment(os.environ),
         "model_digest": model_digest(Path(config.model.path)),
         "worker": index,
         "port": port,

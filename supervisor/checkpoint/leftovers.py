@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from dynamo_vllm.contract.markers import MarkerError, parse_ready, read_marker, remove_markers
 from dynamo_vllm.contract.protocol import Marker
-from dynamo_vllm.supervisor.checkpoint.processes import alive
+from dynamo_vllm.supervisor.checkpoint.processes import alive, not_our_worker
 from dynamo_vllm.supervisor.checkpoint.results import CheckpointResult
 
 if TYPE_CHECKING:
@@ -37,6 +37,13 @@ async def end_left_waiting(coordinator: CheckpointCoordinator, worker: str) -> N
     pid = int(ready["pid"])
     if not alive(pid):
         log.info("worker %s: a stale %s (pid %d is gone); removed", worker, Marker.READY, pid)
+        remove_markers(directory, Marker.ALL)
+        return
+    stranger = not_our_worker(pid, directory)
+    if stranger is not None:
+        log.warning("worker %s: a left-over %s names a process that is not ours (%s); "
+                    "removed, the process left alone", worker, Marker.READY, stranger)
+        coordinator.metrics.marker_errors.inc()
         remove_markers(directory, Marker.ALL)
         return
     spec = coordinator.specs.get(worker)

@@ -194,8 +194,13 @@ def test_fleet_service_discovery_through_etcd(tmp_path: Path) -> None:
         assert ours["targets"] == [f"127.0.0.1:{port}"]
         assert ours["labels"]["node"] == socket.gethostname()
         # etcd down: a 503 naming it (Prometheus keeps its last good list), never a 500.
+        # (A successful read answers for 5 s: a flood of requests is one etcd query.)
         etcd.stop()
-        down = httpx.get(supervisor.base + "/sd?scope=fleet", timeout=10)
+
+        def refused() -> httpx.Response | None:
+            answer = httpx.get(supervisor.base + "/sd?scope=fleet", timeout=10)
+            return answer if answer.status_code != 200 else None
+        down = wait_for(refused, 30, interval=1, what="/sd?scope=fleet without etcd")
         assert down.status_code == 503 and "etcd" in down.json()["error"]
         assert httpx.get(supervisor.base + "/sd", timeout=5).status_code == 200
         etcd.start()

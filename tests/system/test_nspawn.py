@@ -154,6 +154,41 @@ def test_the_host_scrapes_metrics_and_gets_answers(container: Container) -> None
     wait_for(scraped, 30, interval=1, what="node, supervisor and worker series")
 
 
+PROBE = """import sys, urllib.error, urllib.request
+request = urllib.request.Request(sys.argv[1], data=b"{}", headers={
+    "Content-Type": "application/json", "X-Forwarded-For": "127.0.0.1"})
+try:
+    print(urllib.request.urlopen(request, timeout=30).status)
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+"""
+
+
+def test_another_local_account_cannot_change_state(container: Container) -> None:
+    """The default install (no token configured): a local user on loopback, even with a
+    forged X-Forwarded-For, is refused by every state-changing route; root's and the
+    service user's CLI work (the token the supervisor wrote at start)."""
+    container.run("id intruder >/dev/null 2>&1 || useradd --no-create-home intruder")
+    container.run(f"cat > /usr/local/lib/probe.py <<'EOF'\n{PROBE}EOF")
+    worker = f"http://127.0.0.1:{container.base_port}"  # type: ignore[attr-defined]
+    supervisor = f"http://127.0.0.1:{container.metrics_port}"  # type: ignore[attr-defined]
+    for url in (f"{worker}/engine/sleep", f"{worker}/engine/wake_up",
+                f"{worker}/engine/clear_kv_blocks", f"{worker}/v1/load_lora_adapter",
+                f"{worker}/v1/unload_lora_adapter", f"{supervisor}/checkpoint",
+                f"{supervisor}/restore"):
+        code = container.run(f"runuser -u intruder -- python3 /usr/local/lib/probe.py {url}"
+                             ).stdout.strip()
+        assert code == "401", (url, code)
+    denied = container.run("runuser -u intruder -- dynamo-vllm sleep tiny", check=False)
+    assert denied.returncode == 78 and "Permission denied" in denied.stderr, denied
+    assert status(container)["workers"][0]["state"] == "serving"
+    slept = container.run("dynamo-vllm sleep tiny --level 0")
+    assert "worker 0: ok: asleep" in slept.stdout, slept.stdout
+    woke = container.run("runuser -u dynamo-vllm -- dynamo-vllm wake tiny")
+    assert "worker 0: ok: awake" in woke.stdout, woke.stdout
+    wait_for(lambda: status(container).get("ready"), 60, interval=1, what="serving again")
+
+
 def test_engine_core_killed_restarts_the_worker_not_the_unit(container: Container) -> None:
     before = status(container)["workers"][0]["pid"]
     container.run("pkill -9 -f '^VLLM::EngineCor[e]'")
@@ -270,10 +305,15 @@ def test_remove_stops_instances_and_purge_leaves_nothing(container: Container) -
     container.run("dpkg -r dynamo-vllm", timeout=200)
     assert agent_processes(container) == []
     assert container.run("test -e /opt/dynamo-vllm/venv || echo gone").stdout.strip() == "gone"
-    container.run("dpkg -P dynamo-vllm", timeout=120)
-    left = container.run("ls -d /opt/dynamo-vllm /var/lib/dynamo-vllm /var/cache/dynamo-vllm "
-                         "/etc/dynamo-vllm/example.toml 2>/dev/null || true").stdout.strip()
+    purged = container.run("dpkg -P dynamo-vllm", timeout=120)
+    left = container.run("ls -d /opt/dynamo-vllm /var/lib/dynamo-vllm/checkpoints "
+                         "/var/cache/dynamo-vllm /etc/dynamo-vllm/example.toml "
+                         "2>/dev/null || true").stdout.strip()
     assert left == "", left
+    # The operator's models stay, and purge says so.
+    assert container.run("ls -A /var/lib/dynamo-vllm").stdout.split() == ["models"]
+    assert "kept /var/lib/dynamo-vllm" in purged.stderr, purged.stderr
+    container.run("rm -rf /var/lib/dynamo-vllm")
 
 
 def test_the_full_engine_deb_serves_without_pip(container: Container) -> None:

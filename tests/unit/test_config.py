@@ -156,6 +156,9 @@ def test_discovery_and_lora_settings(tmp_path: Path) -> None:
     assert any(e.startswith("discovery.lease_ttl: must be from 3 to 3600") for e in errors)
     assert any(e.startswith("lora.allowed_roots: 'loras' is not an absolute path")
                for e in errors)
+    raw["lora"] = {"allowed_roots": ["/srv/lora", "/"]}
+    assert any(e.startswith("lora.allowed_roots: '/' is a system directory")
+               for e in errors_of(raw)), errors_of(raw)
     raw["discovery"] = {"backend": "etcd"}
     raw["lora"] = {"allowed_roots": ["/srv/lora"]}
     config = cfg.from_dict(raw)

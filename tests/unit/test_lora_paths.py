@@ -49,6 +49,18 @@ def test_escapes_are_refused(tmp_path: Path) -> None:
         assert error.code == 403, raw
 
 
+def test_a_symlink_deep_in_the_adapter_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "roots"
+    deep = adapter(root / "a")
+    (deep / "sub" / "subsub").mkdir(parents=True)
+    secret = tmp_path / "outside" / "key.pem"
+    secret.parent.mkdir()
+    secret.write_text("private")
+    os.symlink(secret, deep / "sub" / "subsub" / "weights.bin")
+    error = refused(str(deep), [str(root)])
+    assert error.code == 403 and "sub/subsub/weights.bin" in str(error), error
+
+
 def test_other_refusals(tmp_path: Path) -> None:
     root = tmp_path / "roots"
     root.mkdir()

@@ -10,13 +10,15 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from dynamo_vllm.contract.gate import TokenFile
 from dynamo_vllm.supervisor import http as http_module
-from dynamo_vllm.supervisor.http import StatusServer
+from dynamo_vllm.supervisor.http import Request, StatusServer
 from tests.harness import closed_by_peer
 
 
@@ -106,6 +108,34 @@ def test_an_ipv6_wildcard_listener_answers_on_both_families() -> None:
         for host in ("127.0.0.1", "[::1]"):
             answer = httpx.get(f"http://{host}:{status.port}/healthz", timeout=5)
             assert answer.status_code == 200, host
+    finally:
+        status.stop()
+        loop.close()
+
+
+def test_status_and_endpoints_need_the_token_from_the_network(tmp_path: Path) -> None:
+    """From a peer off loopback (metrics.host opened), /status and /endpoints need the
+    token; /metrics, /healthz and /sd stay open to Prometheus. (The peer is handed in: the
+    tests never listen beyond loopback.)"""
+    token = tmp_path / "token"
+    token.write_text("a-token-of-sixteen-chars\n")
+    token.chmod(0o600)
+    loop = asyncio.new_event_loop()
+    status = StatusServer("127.0.0.1", 0, CollectorRegistry(), lambda: {"ready": True}, None,
+                          loop, token=TokenFile(str(token)))  # type: ignore[arg-type]
+
+    def code(path: str, peer: str, auth: str = "") -> int:
+        head = f"GET {path} HTTP/1.1\r\n" + (f"Authorization: Bearer {auth}\r\n" if auth else "")
+        answer = asyncio.run(status._answer(Request((head + "\r\n").encode()), b"", peer))
+        return answer[0]
+
+    try:
+        assert code("/status", "192.0.2.9") == 401
+        assert code("/endpoints", "192.0.2.9") == 401
+        assert code("/status", "192.0.2.9", "a-token-of-sixteen-chars") == 200
+        assert code("/status", "127.0.0.1") == 200
+        assert code("/healthz", "192.0.2.9") == 200
+        assert code("/metrics", "192.0.2.9") == 200
     finally:
         status.stop()
         loop.close()
