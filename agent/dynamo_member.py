@@ -106,7 +106,7 @@ class DynamoMember:
 
         self.engine, self.controller = engine, controller
         dynamo = self.config.dynamo
-        os.environ.update(runtime_environment(dynamo, self.config.discovery.etcd_urls))
+        os.environ.update(runtime_environment(dynamo, self.config.discovery))
         loop = asyncio.get_running_loop()
         self.runtime = DistributedRuntime(loop, dynamo.discovery_backend, dynamo.request_plane,
                                           event_plane=dynamo.event_plane)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_vllm.contract.dynamo_env import dynamo_overrides, frontend_problems
+from dynamo_vllm.contract.etcd_access import EtcdAccess
 from dynamo_vllm.contract.payload import (
     HealthPayload,
     PayloadError,
@@ -257,6 +258,7 @@ def _validate_cross(config: Config, errors: list[str], check_paths: bool) -> Non
             load_token(config.workers.control_token_file)
         except TokenError as exc:
             errors.append(f"workers.control_token_file: {exc}")
+    errors.extend(EtcdAccess.of(config.discovery).problems(check_paths))
     ports = {config.metrics.port: "metrics.port",
              **{config.worker_port(i): f"worker {i}'s port" for i in range(config.workers.count)}}
     errors.extend(frontend_problems(config.frontend, config.dynamo, ports))

@@ -13,8 +13,14 @@ from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import Any
 
+from dynamo_vllm.contract.etcd_access import EtcdAccess
 from dynamo_vllm.contract.protocol import Env
-from dynamo_vllm.contract.settings import DynamoSection, FrontendSection, MetricsSection
+from dynamo_vllm.contract.settings import (
+    DiscoverySection,
+    DynamoSection,
+    FrontendSection,
+    MetricsSection,
+)
 
 # Environment variable -> the [dynamo] setting it overrides.
 _OVERRIDES = {
@@ -59,7 +65,7 @@ def dynamo_overrides(dynamo: DynamoSection, metrics: MetricsSection,
     return replace(dynamo, **changes), metrics, problems
 
 
-def runtime_environment(dynamo: DynamoSection, etcd_urls: list[str]) -> dict[str, str]:
+def runtime_environment(dynamo: DynamoSection, discovery: DiscoverySection) -> dict[str, str]:
     """What Dynamo's runtime reads from the environment (it has no arguments for these)."""
     # Dynamo binds these to the machine's address unless told otherwise.
     env: dict[str, str] = {"DYN_TCP_RPC_HOST": dynamo.host, "DYN_EVENT_PLANE_HOST": dynamo.host,
@@ -68,7 +74,8 @@ def runtime_environment(dynamo: DynamoSection, etcd_urls: list[str]) -> dict[str
     if dynamo.discovery_backend == "file" and dynamo.file_kv:
         env[Env.DYN_FILE_KV] = dynamo.file_kv
     if dynamo.discovery_backend == "etcd":
-        env[Env.ETCD_ENDPOINTS] = ",".join(etcd_urls)
+        env[Env.ETCD_ENDPOINTS] = ",".join(discovery.etcd_urls)
+        env.update(EtcdAccess.of(discovery).dynamo_environment())
     return env
 
 

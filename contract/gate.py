@@ -17,10 +17,10 @@ import hmac
 import ipaddress
 import json
 import os
-import stat
 from typing import Any
 
-MAX_TOKEN_BYTES = 4096
+from dynamo_vllm.contract.secrets import SecretFileError, read_private_file
+
 # The largest request body a control route reads.
 MAX_BODY = 64 * 1024
 
@@ -32,19 +32,9 @@ class TokenError(Exception):
 def load_token(path: str) -> str:
     """The token in `path` (surrounding whitespace removed); TokenError says what is wrong."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise TokenError(f"cannot read {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise TokenError(f"{path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise TokenError(f"{path} is readable or writable by group or others "
-                             f"(mode {info.st_mode & 0o777:o}); chmod 600 it")
-        raw = f.read(MAX_TOKEN_BYTES + 1)
-    if len(raw) > MAX_TOKEN_BYTES:
-        raise TokenError(f"{path} is larger than {MAX_TOKEN_BYTES} bytes")
+        raw = read_private_file(path)
+    except SecretFileError as exc:
+        raise TokenError(str(exc)) from None
     try:
         token = raw.decode("ascii").strip()
     except UnicodeDecodeError:

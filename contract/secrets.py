@@ -6,7 +6,9 @@ still accepts the old one, and the stored metadata holds no secret)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,31 @@ _SECRET_NAME = re.compile(r"(^|[_-])(api[_-]?key|key|token|secret|password|passw
 # Files name where a secret is, not the secret: `control_token_file`, `ssl_keyfile`.
 _NOT_SECRET = re.compile(r"(_file|_path|_dir|file|_files)$", re.IGNORECASE)
 REDACTED = "<redacted>"
+MAX_SECRET_BYTES = 4096
+
+
+class SecretFileError(Exception):
+    pass
+
+
+def read_private_file(path: str) -> bytes:
+    """The content of a secret's file: a regular file (opened without blocking, so a FIFO
+    cannot hang us), with no group or other permission bits, of at most 4 KiB."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise SecretFileError(f"cannot read {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise SecretFileError(f"{path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise SecretFileError(f"{path} is readable or writable by group or others "
+                                  f"(mode {info.st_mode & 0o777:o}); chmod 600 it")
+        raw = f.read(MAX_SECRET_BYTES + 1)
+    if len(raw) > MAX_SECRET_BYTES:
+        raise SecretFileError(f"{path} is larger than {MAX_SECRET_BYTES} bytes")
+    return raw
 
 
 def is_secret_name(name: str) -> bool:

@@ -7,81 +7,24 @@ with its key; the worker's view of a config (`config.worker_view`) is derived fr
 
 from __future__ import annotations
 
-import enum
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
-from dynamo_vllm.contract.protocol import Label
-
-Check = Callable[[Any], str | None]
-
-
-class Scope(enum.Enum):
-    """Which process reads a setting; the worker's view of a config (what a change of it rolls
-    the workers for, and what the checkpoint hash covers) is every WORKER setting."""
-
-    WORKER = "worker"
-    """The worker reads it and its process depends on it (the supervisor may read it too)."""
-    SUPERVISOR = "supervisor"
-    """Only the supervisor reads it: a change never restarts a worker."""
-    EVERYWHERE = "everywhere"
-    """Both read it at start, and neither needs a restart for it (the log level)."""
-
-
-def _setting(default: Any, doc: str, check: Check | None = None,
-             scope: Scope = Scope.WORKER) -> Any:
-    return field(default=default, metadata={"doc": doc, "check": check, "scope": scope})
-
-
-def scope_of(section: type, key: str) -> Scope:
-    for f in fields(section):
-        if f.name == key:
-            return f.metadata.get("scope", Scope.WORKER)
-    raise KeyError(f"{section.__name__} has no setting {key!r}")
-
-
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
-def _non_negative(value: Any) -> str | None:
-    return None if value >= 0 else "must be ≥ 0 (0 disables)"
-
-
-def _port(value: Any) -> str | None:
-    return None if 1 <= value <= 65535 else "must be a TCP port from 1 to 65535"
-
-
-def _gpu_list(value: Any) -> str | None:
-    if len(set(value)) != len(value):
-        return "lists a GPU twice"
-    return None
-
-
-def _log_level(value: Any) -> str | None:
-    levels = ("debug", "info", "warning", "error")
-    return None if value in levels else f"must be one of {', '.join(levels)}"
-
-
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-
-def _labels(value: Any) -> str | None:
-    for name, label_value in value.items():
-        if not _LABEL_NAME.match(name) or name.startswith("__"):
-            return f"{name!r} is not a valid Prometheus label name"
-        if name in Label.RESERVED:
-            return f"{name!r} is reserved by Prometheus"
-        if not isinstance(label_value, str):
-            return f"{name}: label values must be strings"
-    return None
-
-
-def _absolute_or_empty(value: Any) -> str | None:
-    return None if not value or os.path.isabs(value) else f"{value!r} is not an absolute path"
+from dynamo_vllm.contract.setting_base import (  # noqa: F401 (Scope, scope_of: re-exported)
+    Check,
+    Scope,
+    scope_of,
+)
+from dynamo_vllm.contract.setting_base import absolute_or_empty as _absolute_or_empty
+from dynamo_vllm.contract.setting_base import gpu_list as _gpu_list
+from dynamo_vllm.contract.setting_base import labels as _labels
+from dynamo_vllm.contract.setting_base import log_level as _log_level
+from dynamo_vllm.contract.setting_base import non_negative as _non_negative
+from dynamo_vllm.contract.setting_base import port as _port
+from dynamo_vllm.contract.setting_base import positive as _positive
+from dynamo_vllm.contract.setting_base import setting as _setting
 
 
 @dataclass(frozen=True)
@@ -217,6 +160,18 @@ class DiscoverySection:
                                 "backend's records.")
     lease_ttl: int = _setting(10, "Seconds a dead worker's etcd key outlives its last "
                                   "keepalive.", _lease_ttl)
+    etcd_ca_file: str = _setting("", "CA bundle that signs etcd's certificate (https:// "
+                                     "endpoints); empty: the system's CAs.",
+                                 _absolute_or_empty)
+    etcd_cert_file: str = _setting("", "Client certificate for etcd, with etcd_key_file "
+                                       "(etcd run with --client-cert-auth).",
+                                   _absolute_or_empty)
+    etcd_key_file: str = _setting("", "Private key of etcd_cert_file (no group or other "
+                                      "permission bits).", _absolute_or_empty)
+    etcd_user: str = _setting("", "etcd user, when etcd's authentication is on; the password "
+                                  "is in etcd_password_file.")
+    etcd_password_file: str = _setting("", "File holding etcd_user's password (no group or "
+                                           "other permission bits).", _absolute_or_empty)
 
     @property
     def etcd_urls(self) -> list[str]:

@@ -95,7 +95,7 @@ def frontend_args_problem(config: Config, python: str) -> str | None:
 
 def frontend_environment(config: Config, base: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in SYSTEMD_ENV}
-    env.update(runtime_environment(config.dynamo, config.discovery.etcd_urls))
+    env.update(runtime_environment(config.dynamo, config.discovery))
     # Where workers stream their responses back to: the same address the planes use.
     env["DYN_TCP_RESPONSE_STREAM_HOST"] = config.dynamo.host
     return env

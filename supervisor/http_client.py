@@ -37,11 +37,14 @@ async def get_json(host: str, port: int, path: str, timeout: float) -> tuple[int
                           timeout)
 
 
-async def post_json(host: str, port: int, path: str, body: Any, timeout: float) -> tuple[int, Any]:
-    """POST a JSON body; (status, parsed JSON body). Raises PollError or TimeoutError."""
+async def post_json(host: str, port: int, path: str, body: Any, timeout: float,
+                    token: str | None = None) -> tuple[int, Any]:
+    """POST a JSON body, with the control token when given; (status, parsed JSON body).
+    Raises PollError or TimeoutError."""
     data = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     head = (f"POST {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n").encode()
+            f"{auth}Content-Length: {len(data)}\r\n\r\n").encode()
     return await _request(host, port, head + data, timeout)
 
 

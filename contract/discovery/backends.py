@@ -127,7 +127,7 @@ class EtcdBackend(NoBackend):
     def publisher(self, worker: int,
                   on_error: Callable[[str], None] = _ignore_error) -> Discovery:
         settings = self.config.discovery
-        return EtcdDiscovery(EtcdGateway(settings.etcd_urls),
+        return EtcdDiscovery(EtcdGateway.for_settings(settings),
                              record_key(self.config, self.instance, worker),
                              settings.lease_ttl, on_error=on_error)
 
@@ -139,7 +139,7 @@ class EtcdBackend(NoBackend):
 
     def target_publisher(self) -> EtcdDiscovery | None:
         settings = self.config.discovery
-        return EtcdDiscovery(EtcdGateway(settings.etcd_urls),
+        return EtcdDiscovery(EtcdGateway.for_settings(settings),
                              target_key(self.config, self.instance), settings.lease_ttl)
 
     async def fleet_targets(self) -> list[dict[str, Any]] | None:

@@ -62,7 +62,7 @@ def target_key(config: Config, instance: str) -> str:
 async def _json_documents(config: Config, prefix: str) -> list[dict[str, Any]]:
     """The JSON objects stored under `prefix`, in key order; others are logged and skipped
     (raises EtcdError)."""
-    gateway = EtcdGateway(config.discovery.etcd_urls)
+    gateway = EtcdGateway.for_settings(config.discovery)
     try:
         values, _ = await gateway.get_prefix(prefix)
     finally:
@@ -93,7 +93,7 @@ async def list_records(config: Config, instance: str) -> list[dict[str, Any]]:
 
 async def delete_record(config: Config, instance: str, worker: int) -> None:
     """Remove a dead worker's key now, instead of one lease TTL later (raises EtcdError)."""
-    gateway = EtcdGateway(config.discovery.etcd_urls)
+    gateway = EtcdGateway.for_settings(config.discovery)
     try:
         await gateway.delete(record_key(config, instance, worker))
     finally:

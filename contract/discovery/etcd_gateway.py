@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from dynamo_vllm.contract.etcd_access import AccessError, EtcdAccess
+
 
 class EtcdError(Exception):
     """etcd answered, with an error (or could not be reached: see `unreachable`)."""
@@ -51,24 +53,65 @@ class WatchEvent:
     revision: int
 
 
-class EtcdGateway:
-    """One per process; every call tries each endpoint in turn."""
+# gRPC's UNAUTHENTICATED: etcd's answer to a missing, wrong or expired auth token.
+UNAUTHENTICATED = 16
 
-    def __init__(self, endpoints: list[str], timeout: float = 3.0):
+
+class EtcdGateway:
+    """One per process; every call tries each endpoint in turn. With `access`: TLS (CA,
+    client certificate) and etcd's authentication, whose token is fetched on first use and
+    again when etcd says it expired."""
+
+    def __init__(self, endpoints: list[str], timeout: float = 3.0,
+                 access: EtcdAccess | None = None):
         if not endpoints:
             raise ValueError("no etcd endpoints")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout = timeout
-        self._client = httpx.AsyncClient(timeout=timeout)
+        self.access = access or EtcdAccess()
+        tls = self.access.ssl_context() if self.access.ca_file or self.access.cert_file \
+            else True
+        self._client = httpx.AsyncClient(timeout=timeout, verify=tls)
+        self._auth_token: str | None = None
+
+    @classmethod
+    def for_settings(cls, discovery: Any, timeout: float = 3.0) -> EtcdGateway:
+        """From the [discovery] section: its endpoints and access."""
+        return cls(discovery.etcd_urls, timeout, EtcdAccess.of(discovery))
 
     async def close(self) -> None:
         await self._client.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": self._auth_token} if self._auth_token else {}
+
+    async def _authenticate(self, endpoint: str) -> None:
+        try:
+            password = self.access.password()
+        except AccessError as exc:
+            raise EtcdError(f"discovery.etcd_password_file: {exc}") from None
+        resp = await self._client.post(endpoint + "/v3/auth/authenticate",
+                                       json={"name": self.access.user, "password": password})
+        data = resp.json() if resp.content else {}
+        if resp.status_code != 200 or "token" not in data:
+            raise EtcdError(f"authenticating as {self.access.user!r}: "
+                            f"{data.get('message') or data.get('error') or resp.status_code}",
+                            data.get("code"))
+        self._auth_token = str(data["token"])
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         last: Exception | None = None
         for endpoint in self.endpoints:
             try:
-                resp = await self._client.post(endpoint + path, json=body)
+                if self.access.user and self._auth_token is None:
+                    await self._authenticate(endpoint)
+                resp = await self._client.post(endpoint + path, json=body,
+                                               headers=self._headers())
+                if resp.status_code != 200 and self.access.user and \
+                        _code(resp) == UNAUTHENTICATED:
+                    await self._authenticate(endpoint)  # the token expired: once more
+                    resp = await self._client.post(endpoint + path, json=body,
+                                                   headers=self._headers())
             except httpx.HTTPError as exc:
                 last = exc
                 continue
@@ -130,8 +173,10 @@ class EtcdGateway:
         # The stream is idle for as long as nothing changes: no read timeout on it.
         timeout = httpx.Timeout(self.timeout, read=None)
         try:
+            if self.access.user and self._auth_token is None:
+                await self._authenticate(self.endpoints[0])
             async with self._client.stream("POST", self.endpoints[0] + "/v3/watch", json=body,
-                                           timeout=timeout) as resp:
+                                           timeout=timeout, headers=self._headers()) as resp:
                 async for line in resp.aiter_lines():
                     if not line.strip():
                         continue
@@ -148,3 +193,10 @@ class EtcdGateway:
                                          int(kv.get("mod_revision", 0)))
         except httpx.HTTPError as exc:
             raise EtcdError(f"watch: {exc}", unreachable=True) from exc
+
+
+def _code(resp: httpx.Response) -> int | None:
+    try:
+        return int(resp.json().get("code"))
+    except (ValueError, TypeError, AttributeError):
+        return None

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_vllm.contract.config import Config
+from dynamo_vllm.contract.gate import TokenError, load_token
 from dynamo_vllm.contract.markers import (
     MarkerError,
     parse_ready,
@@ -344,8 +345,13 @@ class CheckpointCoordinator:
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[worker] = waiter
         try:
+            token = load_token(self.config.workers.control_token_file) \
+                if self.config.workers.control_token_file else None
             code, body = await http_client.post_json(spec.host, spec.port, Route.ENGINE_SNAPSHOT,
-                                                      {}, 10.0)
+                                                      {}, 10.0, token=token)
+        except TokenError as exc:
+            self._waiters.pop(worker, None)
+            return 503, {"error": f"workers.control_token_file: {exc}"}
         except (TimeoutError, http_client.PollError) as exc:
             self._waiters.pop(worker, None)
             return 503, {"error": f"worker {worker} did not answer: {exc}"}

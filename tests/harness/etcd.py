@@ -43,6 +43,7 @@ class EtcdServer:
         self.peer_port = low_free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
 
     def start(self, timeout: float = 20.0) -> EtcdServer:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -52,22 +53,26 @@ class EtcdServer:
             ["etcd", "--name", "t", "--data-dir", str(self.data_dir),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"t={peer}", "--logger=zap", "--log-level=warn"],
+             "--initial-cluster", f"t={peer}", "--logger=zap", "--log-level=warn",
+             *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 
-        def healthy() -> bool:
+        def up() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see "
                                    f"{self.log_path}")
-            try:
-                return httpx.get(self.url + "/health", timeout=1).json().get("health") == "true"
-            except (httpx.HTTPError, ValueError):
-                return False
+            return self.healthy()
 
-        wait_for(healthy, timeout, interval=0.05, what="etcd healthy")
+        wait_for(up, timeout, interval=0.05, what="etcd healthy")
         return self
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=1).json().get("health") == "true"
+        except (httpx.HTTPError, ValueError):
+            return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

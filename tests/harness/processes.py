@@ -48,6 +48,19 @@ class ProcessTree:
                     alive.append(pid)
         return alive
 
+    def leftovers_after(self, grace: float = 10.0) -> list[str]:
+        """The processes of the tree still alive `grace` seconds on, as "pid cmdline": what
+        exits by itself once its parent is gone (multiprocessing's resource tracker, which
+        reads its pipe to the end first) is given that long, anything else is a leftover."""
+        deadline = time.monotonic() + grace
+        while self.alive_leftovers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        found = []
+        for pid in self.alive_leftovers():
+            with contextlib.suppress(psutil.Error):
+                found.append(f"{pid} {' '.join(psutil.Process(pid).cmdline())}")
+        return found
+
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-8000:]

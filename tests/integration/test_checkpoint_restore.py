@@ -90,7 +90,7 @@ def test_worker_side_with_the_test_as_checkpointer(tiny_model: Path, tmp_path: P
         wait_for(lambda: not list(records.iterdir()), 10, what="unregistered")
         (control / Marker.SNAPSHOT_COMPLETE).write_text("done")
         assert worker.wait_exit(60) == ExitCode.CHECKPOINTED
-        assert not worker.alive_leftovers()
+        assert worker.leftovers_after() == []
     finally:
         worker.cleanup()
 
@@ -175,7 +175,7 @@ def test_supervisor_checkpoints_and_restores(tiny_model: Path, tmp_path: Path, c
         checkpoint_hash = supervisor.worker(0)["checkpoint_hash"]
         supervisor.proc.send_signal(signal.SIGTERM)
         assert supervisor.proc.wait(60) == 0
-        assert not supervisor.alive_leftovers()
+        assert supervisor.leftovers_after() == []
         for entry in os.listdir(small_store):
             if entry not in ("tmp", "locks"):
                 subprocess.run(["rm", "-rf", str(small_store / entry)], check=True, timeout=30)
@@ -200,7 +200,7 @@ def test_supervisor_checkpoints_and_restores(tiny_model: Path, tmp_path: Path, c
                 assert complete(base) == cold
                 second.proc.send_signal(signal.SIGTERM)
                 assert second.proc.wait(60) == 0
-                assert not second.alive_leftovers()
+                assert second.leftovers_after() == []
             finally:
                 second.cleanup()
         finally:

@@ -170,4 +170,4 @@ def test_stop_takes_the_frontend_down_first_and_leaves_nothing(
     leftovers = [line for line in log[stop:].splitlines() if "killed engine processes" in line]
     assert not leftovers, "\n".join(leftovers)
     time.sleep(1)
-    assert node.alive_leftovers() == []
+    assert node.leftovers_after() == []

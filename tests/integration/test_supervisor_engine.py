@@ -236,7 +236,7 @@ def test_sigterm_stops_everything(supervisor: SupervisorProcess) -> None:
     supervisor.proc.send_signal(signal.SIGTERM)
     assert supervisor.proc.wait(90) == ExitCode.STOPPED, supervisor.log()
     assert "STOPPING=1" in supervisor.notify.fields()[mark:]
-    assert supervisor.alive_leftovers() == []
+    assert supervisor.leftovers_after() == []
 
 
 def test_no_worker_outlives_a_killed_supervisor(tiny_model: Path, tmp_path: Path) -> None:

@@ -106,7 +106,7 @@ def test_worker_that_never_serves_is_killed_after_start_timeout(tmp_path: Path) 
         assert starts(tmp_path) == 2
         assert "start_timeout" in supervisor.log()
         supervisor.remember_children()
-        assert supervisor.alive_leftovers() == []
+        assert supervisor.leftovers_after() == []
     finally:
         supervisor.cleanup()
 

@@ -234,12 +234,26 @@ def test_dynamos_environment_overrides_the_section(tmp_path: Path) -> None:
     applied = cfg.apply_env(config, env)
     assert applied.dynamo.discovery_backend == "etcd" and applied.dynamo.file_kv == "/run/kv"
     assert applied.metrics.namespace == "prod"  # one name for the runtime and the labels
-    assert runtime_environment(applied.dynamo, applied.discovery.etcd_urls)["ETCD_ENDPOINTS"] \
+    assert runtime_environment(applied.dynamo, applied.discovery)["ETCD_ENDPOINTS"] \
         == "http://10.0.0.1:2379"
     with pytest.raises(cfg.ConfigError) as info:
         cfg.apply_env(config, {"DYN_REQUEST_PLANE": "nats", "DYN_NAMESPACE": "a.b"})
     assert "DYN_REQUEST_PLANE='nats'" in info.value.errors[0]
     assert "DYN_NAMESPACE" in info.value.errors[1]
+
+
+def test_etcd_access_reaches_dynamos_runtime(tmp_path: Path) -> None:
+    password = tmp_path / "pw"
+    password.write_text("s3cret\n")
+    password.chmod(0o600)
+    config = cfg.from_dict({"model": {"path": str(model_dir(tmp_path))},
+                            "dynamo": {"enabled": True, "discovery_backend": "etcd"},
+                            "discovery": {"etcd_ca_file": "/etc/ca.pem", "etcd_user": "dynamo",
+                                          "etcd_password_file": str(password)}},
+                           check_paths=False)
+    env = runtime_environment(config.dynamo, config.discovery)
+    assert env["ETCD_AUTH_CA"] == "/etc/ca.pem" and env["ETCD_AUTH_USERNAME"] == "dynamo"
+    assert env["ETCD_AUTH_PASSWORD"] == "s3cret" and "ETCD_AUTH_CLIENT_CERT" not in env
 
 
 def test_control_endpoints_reach_the_network_only_when_opened_without_a_token(
