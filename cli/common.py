@@ -126,18 +126,30 @@ def token_or_exit(cfg: config_module.Config) -> str | None:
         sys.exit(ExitCode.CONFIG)
 
 
-def control_workers(target: str, worker: int | None, path: str, body: dict) -> None:
+def control_workers(target: str, worker: int | None, path: str, body: dict,
+                    as_json: bool = False) -> None:
     cfg = load_or_exit(target, check_paths=False)
     token = token_or_exit(cfg)
     failed = False
+    results = []
     for index, base in worker_urls(cfg, worker):
         code, answer = request(base + path, body, token=token)
         failed |= code != 200
+        results.append({"worker": index, "code": code, **answer})
+        if as_json:
+            continue
         extra = {k: v for k, v in answer.items() if k not in ("status", "message")}
         click.echo(f"worker {index}: {answer.get('status', 'error')}: {answer.get('message')}"
                    + (f" {json.dumps(extra)}" if extra else ""))
+    if as_json:
+        echo_json(results)
     if failed:
         sys.exit(1)
+
+
+def echo_json(results: list[dict]) -> None:
+    """One JSON document per command: a list with one object per worker."""
+    click.echo(json.dumps(results, indent=2))
 
 
 def worker_indices(cfg: config_module.Config, worker: int | None) -> list[int]:

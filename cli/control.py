@@ -13,6 +13,7 @@ import click
 
 from dynamo_vllm.cli.common import (
     control_workers,
+    echo_json,
     load_or_exit,
     request,
     supervisor_get,
@@ -53,9 +54,11 @@ def status(target: str, as_json: bool, timeout: float) -> None:
 @click.option("--worker", type=int, help="Only this worker (default: every worker).")
 @click.option("--level", type=click.IntRange(0, 2), default=1, show_default=True,
               help="0: pause, keep memory; 1, 2: vLLM's sleep levels (GPU memory released).")
-def sleep(target: str, worker: int | None, level: int) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON list, an object per worker (code, status, message, ...).")
+def sleep(target: str, worker: int | None, level: int, as_json: bool) -> None:
     """Take workers out of service: unregister, drain, then pause or sleep the engine."""
-    control_workers(target, worker, "/engine/sleep", {"level": level})
+    control_workers(target, worker, "/engine/sleep", {"level": level}, as_json)
 
 
 @click.command()
@@ -63,9 +66,12 @@ def sleep(target: str, worker: int | None, level: int) -> None:
 @click.option("--worker", type=int, help="Only this worker (default: every worker).")
 @click.option("--tags", multiple=True, type=click.Choice(["weights", "kv_cache"]),
               help="Wake only these parts (level 1 and 2); default: everything.")
-def wake(target: str, worker: int | None, tags: tuple[str, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON list, an object per worker (code, status, message, ...).")
+def wake(target: str, worker: int | None, tags: tuple[str, ...], as_json: bool) -> None:
     """Wake sleeping workers; each registers again once fully awake."""
-    control_workers(target, worker, "/engine/wake_up", {"tags": list(tags)} if tags else {})
+    control_workers(target, worker, "/engine/wake_up", {"tags": list(tags)} if tags else {},
+                    as_json)
 
 
 @click.command()
@@ -89,7 +95,9 @@ def endpoints(target: str, as_json: bool) -> None:
 @click.command()
 @click.argument("target", metavar="NAME|FILE")
 @click.option("--worker", type=int, help="Only this worker (default: each, one at a time).")
-def checkpoint(target: str, worker: int | None) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON list, an object per worker (code, status, message, ...).")
+def checkpoint(target: str, worker: int | None, as_json: bool) -> None:
     """Take a checkpoint of a serving worker now (the running supervisor does it).
 
     The worker leaves the pool, drains, pauses and is dumped with CRIU into the store; the
@@ -101,15 +109,21 @@ def checkpoint(target: str, worker: int | None) -> None:
 
     cfg = load_or_exit(target, check_paths=False)
     failed = False
+    results = []
     for index in worker_indices(cfg, worker):
         code, answer = supervisor_post(cfg, Route.CHECKPOINT, {"worker": index},
                                         cfg.checkpoint.timeout + 90)
         failed |= code != 200
+        results.append({"worker": index, "code": code, **answer})
+        if as_json:
+            continue
         if code == 200:
             click.echo(f"worker {index}: {answer.get('result')}: {answer.get('message')}")
         else:
             click.echo(f"worker {index}: error: {answer.get('error') or answer.get('message')}",
                        err=True)
+    if as_json:
+        echo_json(results)
     if failed:
         sys.exit(1)
 
@@ -128,6 +142,7 @@ def checkpoints(target: str, store: Path | None, as_json: bool) -> None:
     """
     from dynamo_vllm.supervisor.checkpoint.store import CheckpointStore
     from dynamo_vllm.supervisor.report import duration
+    from dynamo_vllm.supervisor.runtime_dir import RuntimeDirError
 
     cfg = load_or_exit(target, check_paths=False)
     current: dict[str, int] = {}
@@ -142,7 +157,13 @@ def checkpoints(target: str, store: Path | None, as_json: bool) -> None:
         click.echo(f"{target}: no supervisor answers and checkpoint.store is not set: give "
                    "--store", err=True)
         sys.exit(3)
-    entries = CheckpointStore(store, cfg.checkpoint.keep).entries()
+    try:
+        entries = CheckpointStore(store, cfg.checkpoint.keep).entries()
+    except (OSError, RuntimeDirError) as exc:
+        click.echo(f"{target}: cannot read the checkpoint store {store}: "
+                   f"{getattr(exc, 'strerror', None) or exc} (run as root or the service "
+                   "user)", err=True)
+        sys.exit(1)
     now = time.time()
     rows: list[dict[str, Any]] = [{"hash": e.checkpoint_hash, "worker": e.metadata.get("worker"),
              "size_bytes": e.size_bytes, "age_s": round(now - e.created, 1),
@@ -168,38 +189,58 @@ def checkpoints(target: str, store: Path | None, as_json: bool) -> None:
 @click.option("--worker", type=int, help="Only this worker (default: each, one at a time).")
 @click.option("--timeout", default=300.0, show_default=True,
               help="Seconds to wait for each worker to serve again.")
-def restore(target: str, worker: int | None, timeout: float) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON list, an object per worker (code, status, message, ...).")
+def restore(target: str, worker: int | None, timeout: float, as_json: bool) -> None:
     """Restart a worker from its checkpoint (the running supervisor does it).
 
     The worker stops gracefully and is restored from the checkpoint stored for its current
     hash; this waits until it serves again. With checkpoint.restore (the default) every
     start restores by itself: this is for doing it now.
     """
-    from dynamo_vllm.contract.protocol import Route
 
     cfg = load_or_exit(target, check_paths=False)
-    status_url = supervisor_url(cfg, "/status")
+    results: list[dict[str, Any]] = []
     for index in worker_indices(cfg, worker):
-        code, answer = supervisor_post(cfg, Route.RESTORE, {"worker": index}, 30)
-        if code != 202:
-            click.echo(f"worker {index}: error: {answer.get('error') or answer.get('message')}",
-                       err=True)
-            sys.exit(1)
-        click.echo(f"worker {index}: {answer.get('message')}")
-        deadline = time.monotonic() + timeout
-        time.sleep(1.0)
-        while time.monotonic() < deadline:
-            code, status = request(status_url, timeout=5)
-            view: dict[str, Any] = next(
-                (w for w in status.get("workers", []) if w.get("worker") == index), {})
-            if view.get("state") == "serving":
-                how = "restored" if view.get("restored") else "started cold (see the log)"
-                click.echo(f"worker {index}: serving, {how}")
-                break
-            time.sleep(0.5)
-        else:
-            click.echo(f"worker {index}: not serving after {timeout:g} s", err=True)
-            sys.exit(1)
+        result = _restore_one(cfg, index, timeout, as_json)
+        results.append(result)
+        if result["outcome"] != "serving":
+            break
+    if as_json:
+        echo_json(results)
+    if any(r["outcome"] != "serving" for r in results):
+        sys.exit(1)
+
+
+def _restore_one(cfg: Any, index: int, timeout: float, quiet: bool) -> dict[str, Any]:
+    """Ask for worker `index`'s restore and wait until it serves: its result."""
+    from dynamo_vllm.contract.protocol import Route
+
+    def say(line: str, err: bool = False) -> None:
+        if not quiet:
+            click.echo(line, err=err)
+
+    code, answer = supervisor_post(cfg, Route.RESTORE, {"worker": index}, 30)
+    if code != 202:
+        message = answer.get("error") or answer.get("message")
+        say(f"worker {index}: error: {message}", err=True)
+        return {"worker": index, "code": code, "outcome": "refused", "message": message}
+    say(f"worker {index}: {answer.get('message')}")
+    deadline = time.monotonic() + timeout
+    time.sleep(1.0)
+    while time.monotonic() < deadline:
+        _, status = request(supervisor_url(cfg, "/status"), timeout=5)
+        view: dict[str, Any] = next(
+            (w for w in status.get("workers", []) if w.get("worker") == index), {})
+        if view.get("state") == "serving":
+            restored = bool(view.get("restored"))
+            say(f"worker {index}: serving, "
+                f"{'restored' if restored else 'started cold (see the log)'}")
+            return {"worker": index, "code": code, "outcome": "serving",
+                    "restored": restored, "pid": view.get("pid")}
+        time.sleep(0.5)
+    say(f"worker {index}: not serving after {timeout:g} s", err=True)
+    return {"worker": index, "code": code, "outcome": "timed out"}
 
 
 @click.command()

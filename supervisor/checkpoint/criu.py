@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,13 +88,28 @@ def save_shm(names: set[str], before: set[str], dest: Path) -> None:
             os.unlink(path)
 
 
-def put_back_shm(saved: Path) -> list[Path]:
+def put_back_shm(saved: Path, shm: Path = SHM) -> list[Path]:
     """Before a restore: the saved /dev/shm files that are missing go back, modes kept.
-    Returns those put back (a failed restore removes them again)."""
+    Returns those put back (a failed restore removes them again).
+
+    /dev/shm is shared with every local user: one who made a file under a saved name
+    while the worker was down would have the restored tree map it, and vLLM's queue unpickle
+    what they write. An entry of that name that is not a regular file of the saved file's
+    owner refuses the restore (CheckpointError: a cold start, with the reason)."""
     put: list[Path] = []
     for name in _listdir(saved):
-        target, source = SHM / name, saved / name
-        if "/" in name or os.path.lexists(target) or source.is_symlink():
+        target, source = shm / name, saved / name
+        if "/" in name or source.is_symlink():
+            continue
+        if os.path.lexists(target):
+            info, owner = os.lstat(target), os.lstat(source).st_uid
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != owner:
+                for path in put:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                raise CheckpointError(f"{target} exists and is not the service's (uid "
+                                      f"{info.st_uid}, mode {info.st_mode:o}): not restoring "
+                                      "into a file someone else made")
             continue
         _copy_sparse(source, target)
         put.append(target)

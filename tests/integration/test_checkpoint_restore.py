@@ -163,9 +163,12 @@ def test_supervisor_checkpoints_and_restores(tiny_model: Path, tmp_path: Path, c
         assert "dynamo_agent_restore_duration_seconds" in metrics
 
         # 5. Restored on request: stopped gracefully, back from the checkpoint.
-        out = subprocess.run([*cli, "restore", str(config)], env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0 and "serving, restored" in out.stdout, out.stdout + out.stderr
+        out = subprocess.run([*cli, "restore", str(config), "--json"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        restored = json.loads(out.stdout)
+        assert [(r["worker"], r["outcome"], r["restored"]) for r in restored] == \
+            [(0, "serving", True)], restored
         assert 'dynamo_agent_restores_total{result="restored",worker="0"} 3.0' in \
             supervisor.metrics()
         assert complete(base) == cold

@@ -179,8 +179,11 @@ def test_sleep_and_wake_through_the_cli(supervisor: SupervisorProcess) -> None:
     assert status["ready"]  # asleep on purpose: not a failure
     assert "asleep: worker 1" in status["status"]
     assert cli("endpoints", config).stdout.count("state=serving") == 1
-    woke = cli("wake", config, "--worker", "1", env=supervisor.cli_env())
-    assert woke.returncode == 0 and "worker 1: ok: awake" in woke.stdout, woke
+    woke = cli("wake", config, "--worker", "1", "--json", env=supervisor.cli_env())
+    assert woke.returncode == 0, woke
+    answers = json.loads(woke.stdout)
+    assert [(a["worker"], a["code"], a["status"], a["message"]) for a in answers] == \
+        [(1, 200, "ok", "awake")], answers
     supervisor.wait_workers(serving, 20, "both serving again")
     assert cli("endpoints", config).stdout.count("state=serving") == 2
 

@@ -181,6 +181,12 @@ def test_another_local_account_cannot_change_state(container: Container) -> None
         assert code == "401", (url, code)
     denied = container.run("runuser -u intruder -- dynamo-vllm sleep tiny", check=False)
     assert denied.returncode == 78 and "Permission denied" in denied.stderr, denied
+    # Every command as that user: a message and an exit status, never a traceback.
+    for command in ("status tiny", "endpoints tiny", "checkpoints tiny", "checkpoint tiny",
+                    "restore tiny --timeout 1", "reload tiny --no-wait", "wake tiny --json",
+                    "config show tiny", "config check tiny"):
+        ran = container.run(f"runuser -u intruder -- dynamo-vllm {command}", check=False)
+        assert "Traceback" not in ran.stdout + ran.stderr, (command, ran.stderr)
     assert status(container)["workers"][0]["state"] == "serving"
     slept = container.run("dynamo-vllm sleep tiny --level 0")
     assert "worker 0: ok: asleep" in slept.stdout, slept.stdout
