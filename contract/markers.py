@@ -37,10 +37,10 @@ class MarkerError(Exception):
     """A marker that is not a small regular file, or not what its name says."""
 
 
-def read_marker(directory: Path, name: str) -> bytes | None:
+def read_marker(directory: Path, name: str, writer: int | None = None) -> bytes | None:
     """A marker's content; None when absent. Refuses symlinks, non-files, huge files, and
-    files another user (not root) owns or could have written: the directory is the service
-    user's."""
+    files another user (not root, nor `writer`: the worker's account, for a supervisor that
+    runs as root) owns or could have written: the directory is the service user's."""
     try:
         fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -56,7 +56,7 @@ def read_marker(directory: Path, name: str) -> bytes | None:
     with os.fdopen(fd, "rb") as f:
         if info.st_size > Marker.MAX_BYTES:
             raise MarkerError(f"{name} is {info.st_size} bytes (more than {Marker.MAX_BYTES})")
-        if info.st_uid not in (os.geteuid(), 0):  # root's checkpointer may answer too
+        if info.st_uid not in (os.geteuid(), 0, writer):  # root's checkpointer may answer too
             raise MarkerError(f"{name} belongs to uid {info.st_uid}, not to this service's "
                               f"uid {os.geteuid()} or root (refused)")
         if info.st_mode & 0o022:
@@ -65,12 +65,16 @@ def read_marker(directory: Path, name: str) -> bytes | None:
         return f.read(Marker.MAX_BYTES + 1)
 
 
-def write_marker(directory: Path, name: str, content: bytes) -> None:
-    """Write-then-rename, so a watcher sees a complete file (a moved-in event), mode 0600."""
+def write_marker(directory: Path, name: str, content: bytes,
+                 owner: tuple[int, int] | None = None) -> None:
+    """Write-then-rename, so a watcher sees a complete file (a moved-in event), mode 0600;
+    `owner` (uid, gid): the reader's, when a root supervisor answers an unprivileged worker."""
     tmp = directory / f".{name}.tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if owner is not None:
+        os.fchown(fd, *owner)
     with os.fdopen(fd, "wb") as f:
         f.write(content)
         f.flush()

@@ -52,6 +52,11 @@ class WorkersSection:
                                            "state-changing route requires (Authorization: "
                                            "Bearer ...), the supervisor's included; mode 600.",
                                        _absolute_or_empty)
+    user: str = _setting("", "Account the workers and the frontend run as when the supervisor "
+                             "runs as root (the checkpoint drop-in sets "
+                             "DYNAMO_VLLM_WORKER_USER=dynamo-vllm): no capabilities, "
+                             "no_new_privs. Empty: the supervisor's own account.",
+                         scope=Scope.SUPERVISOR)
     stop_timeout: float = _setting(90.0, "Seconds the supervisor waits for a stopping worker "
                                          "before it kills its process group.", _positive,
                                    scope=Scope.SUPERVISOR)

@@ -16,6 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from dynamo_vllm.contract.config import Config
+from dynamo_vllm.contract.gate import TokenError, TokenFile, load_token
+from dynamo_vllm.supervisor.privilege import WorkerAccount
+from dynamo_vllm.supervisor.startup import StartupError
 
 TOKEN_NAME = "control.token"
 
@@ -39,3 +42,21 @@ def write_fresh_token(path: Path) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
     os.replace(tmp, path)
+
+
+def open_token(config: Config, runtime_dir: Path, account: WorkerAccount | None) -> TokenFile:
+    """The token control needs, at start: the runtime directory's written fresh (and handed
+    to the workers' account when they run as another), or the operator's checked."""
+    path = config.workers.control_token_file
+    try:
+        if Path(path) == runtime_dir / TOKEN_NAME:
+            write_fresh_token(Path(path))
+            if account is not None:
+                account.hand_over(Path(path), 0o600)
+        load_token(path)
+        return TokenFile(path)
+    except OSError as exc:
+        raise StartupError(f"workers.control_token_file: cannot write {path}: "
+                           f"{exc.strerror or exc}") from None
+    except TokenError as exc:
+        raise StartupError(f"workers.control_token_file: {exc}") from None

@@ -26,12 +26,11 @@ from dynamo_vllm.contract.config import Config
 from dynamo_vllm.contract.discovery.backends import Document, backend_for
 from dynamo_vllm.contract.discovery.etcd import EtcdDiscovery
 from dynamo_vllm.contract.engine_venv import engine_python
-from dynamo_vllm.contract.gate import TokenError, TokenFile, load_token
 from dynamo_vllm.contract.labels import worker_labels
 from dynamo_vllm.contract.protocol import ExitCode, Route
 from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
 from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
-from dynamo_vllm.supervisor.control_token import TOKEN_NAME, with_default_token, write_fresh_token
+from dynamo_vllm.supervisor.control_token import open_token, with_default_token
 from dynamo_vllm.supervisor.devices import assign, detect_gpus, split_cpus
 from dynamo_vllm.supervisor.frontend import FrontendChild, frontend_args_problem
 from dynamo_vllm.supervisor.frontend_metrics import FrontendCollector
@@ -48,6 +47,7 @@ from dynamo_vllm.supervisor.metrics import (
 )
 from dynamo_vllm.supervisor.notify import Notifier
 from dynamo_vllm.supervisor.phases import Phase, RestartReason
+from dynamo_vllm.supervisor.privilege import prepare_for_workers, worker_account
 from dynamo_vllm.supervisor.readiness import FrontendView, Sent, Settings, WorkerView, readiness
 from dynamo_vllm.supervisor.reload import ReloadRecord, reload
 from dynamo_vllm.supervisor.report import status_document, status_text
@@ -115,6 +115,9 @@ class Supervisor:
             self.chrek = CheckpointCoordinator(config, runtime_dir, self.instance,
                                                CheckpointMetrics(self.registry))
         self._zombies: set[int] = set()
+        # Under a root supervisor, the account the workers and the frontend run as.
+        self.account = worker_account(config.workers.user)
+        self.account_env: dict[str, str] = {}
 
     # ---------------------------------------------------------------- set-up
 
@@ -127,6 +130,8 @@ class Supervisor:
         reload never reaches a worker that happens to restart."""
         tmp = self.effective_config_path.with_suffix(".toml.tmp")
         tmp.write_text(tomli_w.dumps(self.config.to_dict()))
+        if self.account is not None:
+            self.account.let_in(tmp, 0o640)
         os.replace(tmp, self.effective_config_path)
 
     def specs(self, config: Config) -> list[WorkerSpec]:
@@ -143,7 +148,8 @@ class Supervisor:
                            metrics_dir=self.runtime_dir / "metrics" / f"worker{i}",
                            python=config.workers.python or engine_python() or "",
                            config_path=self.effective_config_path,
-                           instance=self.instance, discovery_dir=self.discovery.directory)
+                           instance=self.instance, discovery_dir=self.discovery.directory,
+                           account=self.account, account_env=self.account_env)
                 for i in range(config.workers.count)]
 
     async def _publish_target(self) -> None:
@@ -156,19 +162,6 @@ class Supervisor:
 
     def policy(self) -> RestartPolicy:
         return RestartPolicy.of(self.config.workers)
-
-    def _token(self) -> TokenFile:
-        path = self.config.workers.control_token_file
-        try:
-            if Path(path) == self.runtime_dir / TOKEN_NAME:
-                write_fresh_token(Path(path))
-            load_token(path)
-            return TokenFile(path)
-        except OSError as exc:
-            raise StartupError(f"workers.control_token_file: cannot write {path}: "
-                               f"{exc.strerror or exc}") from None
-        except TokenError as exc:
-            raise StartupError(f"workers.control_token_file: {exc}") from None
 
     def _check_ports(self, specs: list[WorkerSpec]) -> None:
         busy = [f"{s.host}:{s.port} (worker {s.index})" for s in specs
@@ -195,6 +188,11 @@ class Supervisor:
             except OSError as exc:
                 raise StartupError(f"discovery.path: cannot create {discovery_dir}: "
                                    f"{exc.strerror or exc}") from None
+        if self.account is not None:
+            self.account_env = prepare_for_workers(self.account, self.runtime_dir,
+                                                   self.config, discovery_dir)
+            if self.frontend is not None:
+                self.frontend.account, self.frontend.account_env = self.account, self.account_env
         specs = self.specs(self.config)
         if self.chrek is not None:
             # Before the port check: a worker left waiting for a checkpoint holds its port.
@@ -210,7 +208,7 @@ class Supervisor:
                                        self.registry, lambda: self._snapshot, Routes(self),
                                        loop, self.config.checkpoint.timeout + 60,
                                        self.config.workers.control_from_network,
-                                       self._token())
+                                       open_token(self.config, self.runtime_dir, self.account))
         except OSError as exc:
             raise StartupError(f"metrics.port: cannot listen on {self.config.metrics.host}:"
                                f"{self.config.metrics.port}: {exc.strerror or exc}") from None

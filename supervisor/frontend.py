@@ -21,13 +21,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dynamo_vllm.contract.config import Config, engine_cli_args
 from dynamo_vllm.contract.dynamo_env import runtime_environment
 from dynamo_vllm.supervisor import http_client
 from dynamo_vllm.supervisor.notify import SYSTEMD_ENV
+from dynamo_vllm.supervisor.privilege import WorkerAccount
 from dynamo_vllm.supervisor.restart_policy import RestartPolicy
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,9 @@ class FrontendChild:
     workers: int = 0
     poll_failures: int = 0
     last_exit: str = ""
+    # The workers' account and environment, when the supervisor runs as root.
+    account: WorkerAccount | None = None
+    account_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def serving(self) -> bool:
@@ -172,9 +176,11 @@ class FrontendChild:
             await service.pause(delay)
 
     async def _spawn(self, config: Config) -> None:
+        # It faces clients: under a root supervisor it runs as the workers' account.
+        drop = self.account.command_prefix() if self.account is not None else []
         self.proc = await asyncio.create_subprocess_exec(
-            *frontend_command(config, self.python),
-            env=frontend_environment(config, dict(os.environ)),
+            *drop, *frontend_command(config, self.python),
+            env={**frontend_environment(config, dict(os.environ)), **self.account_env},
             stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
         self.lives += 1
         self.poll_failures = 0

@@ -25,6 +25,7 @@ GATE = "the supervisor's own control gate is set at start (the workers roll onto
 # Always read once by the supervisor.
 AT_START = {"metrics.host": LISTENER, "metrics.port": LISTENER,
             "workers.control_from_network": GATE, "workers.control_token_file": GATE,
+            "workers.user": "the workers' account is set when the supervisor starts",
             "checkpoint.enabled": CHECKPOINTS}
 # Read once by the checkpoint machinery: they matter when checkpoints are (or were) on.
 AT_CHECKPOINT_START = {f"checkpoint.{key}": CHECKPOINTS

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dynamo_vllm.contract.protocol import Env
 from dynamo_vllm.supervisor.notify import SYSTEMD_ENV
+from dynamo_vllm.supervisor.privilege import WorkerAccount
 
 # vLLM's CPU backend: the cores a CPU engine's threads are bound to.
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
@@ -73,13 +74,28 @@ class WorkerSpec:
     checkpoint_hash: str = ""
     # Set by the checkpoint coordinator before each spawn.
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The account the worker runs as when the supervisor is root (supervisor/privilege.py),
+    # and the home and caches it gets then.
+    account: WorkerAccount | None = None
+    account_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return str(self.index)
 
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """(uid, gid) of the worker's account when it is not the supervisor's."""
+        return (self.account.uid, self.account.gid) if self.account is not None else None
+
+    def own_dir(self, path: Path) -> None:
+        """Make `path` (0700) the worker's when it runs as another account."""
+        if self.account is not None:
+            self.account.hand_over(path, 0o700)
+
     def command(self) -> list[str]:
-        return [self.python or sys.executable, "-m", "dynamo_vllm.agent",
+        drop = self.account.command_prefix() if self.account is not None else []
+        return [*drop, self.python or sys.executable, "-m", "dynamo_vllm.agent",
                 "--config", str(self.config_path), "--index", str(self.index)]
 
     def environment(self, base: dict[str, str]) -> dict[str, str]:
@@ -96,5 +112,6 @@ class WorkerSpec:
             env[CPU_BIND_ENV] = ",".join(str(c) for c in self.cpus)
         for name, value in Env.ENGINE_DEFAULTS.items():
             env.setdefault(name, value)
+        env.update(self.account_env)
         env.update(self.extra_env)
         return env

@@ -228,6 +228,9 @@ class WorkerHandle:
         """A new, empty, private directory for this life's metric files."""
         shutil.rmtree(self.spec.metrics_dir, ignore_errors=True)
         self.spec.metrics_dir.mkdir(mode=0o700, parents=True)
+        if self.spec.account is not None:
+            self.spec.account.let_in(self.spec.metrics_dir.parent)
+        self.spec.own_dir(self.spec.metrics_dir)
 
     def drop_metrics_dir(self) -> None:
         shutil.rmtree(self.spec.metrics_dir, ignore_errors=True)
@@ -237,8 +240,10 @@ class WorkerHandle:
         files the tree still held and got linked back, None when nothing was missing."""
         if not self.running or self.pid is None or self.spec.metrics_dir.is_dir():
             return None
-        return metric_files.restore_directory(self.spec.metrics_dir,
-                                              shared_memory.tree_pids(self.pid))
+        relinked = metric_files.restore_directory(self.spec.metrics_dir,
+                                                  shared_memory.tree_pids(self.pid))
+        self.spec.own_dir(self.spec.metrics_dir)
+        return relinked
 
     def sample_shm(self, every: float = 30.0) -> None:
         """Note the tree's /dev/shm files (vLLM creates its queues at engine start)."""

@@ -135,6 +135,9 @@ class CheckpointCoordinator:
         spec.checkpoint_hash = checkpoint_hash(document)
         spec.control_dir = self.control_root / spec.name
         spec.control_dir.mkdir(mode=0o700, exist_ok=True)
+        if spec.account is not None:
+            spec.account.let_in(self.control_root)
+        spec.own_dir(spec.control_dir)
         self.specs[spec.name] = spec
         if spec.control_dir.is_symlink() or not spec.control_dir.is_dir():
             raise StoreError(f"{spec.control_dir} is not a directory (refused)")
@@ -157,6 +160,9 @@ class CheckpointCoordinator:
             path = spec.control_dir
             if path is not None and not os.path.lexists(path):
                 path.mkdir(mode=0o700, exist_ok=True)
+                if spec.account is not None:
+                    spec.account.let_in(self.control_root)
+                spec.own_dir(path)
                 put_back.append(str(path))
         return put_back
 
@@ -263,7 +269,8 @@ class CheckpointCoordinator:
         spec = handle.spec
         assert spec.control_dir is not None
         try:
-            content = read_marker(spec.control_dir, Marker.READY)
+            content = read_marker(spec.control_dir, Marker.READY,
+                                  writer=spec.owner[0] if spec.owner else None)
             if content is None:
                 return
             ready = parse_ready(content)
@@ -317,8 +324,9 @@ class CheckpointCoordinator:
         try:
             spec.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_marker(spec.control_dir, Marker.RESTORE_CONTEXT,
-                         restore_context_document(context))
-            write_marker(spec.control_dir, Marker.RESTORE_COMPLETE, b"restored")
+                         restore_context_document(context), owner=spec.owner)
+            write_marker(spec.control_dir, Marker.RESTORE_COMPLETE, b"restored",
+                         owner=spec.owner)
         except OSError as exc:
             log.error("worker %s: cannot write %s: %s (it serves after checkpoint.timeout)",
                       spec.name, Marker.RESTORE_COMPLETE, exc)

@@ -26,8 +26,10 @@ async def end_left_waiting(coordinator: CheckpointCoordinator, worker: str) -> N
     """A worker of a previous supervisor waits at its ready marker: take its checkpoint
     (which ends it) so that this supervisor restores it as its own child."""
     directory = coordinator.control_root / worker
+    spec = coordinator.specs.get(worker)
+    owner = spec.owner if spec is not None else None
     try:
-        content = read_marker(directory, Marker.READY)
+        content = read_marker(directory, Marker.READY, writer=owner[0] if owner else None)
         ready = parse_ready(content or b"")
     except MarkerError as exc:
         log.warning("worker %s: left-over %s", worker, exc)
@@ -39,14 +41,13 @@ async def end_left_waiting(coordinator: CheckpointCoordinator, worker: str) -> N
         log.info("worker %s: a stale %s (pid %d is gone); removed", worker, Marker.READY, pid)
         remove_markers(directory, Marker.ALL)
         return
-    stranger = not_our_worker(pid, directory)
+    stranger = not_our_worker(pid, directory, owner[0] if owner else os.geteuid())
     if stranger is not None:
         log.warning("worker %s: a left-over %s names a process that is not ours (%s); "
                     "removed, the process left alone", worker, Marker.READY, stranger)
         coordinator.metrics.marker_errors.inc()
         remove_markers(directory, Marker.ALL)
         return
-    spec = coordinator.specs.get(worker)
     if spec is not None and spec.checkpoint_hash == ready["hash"]:
         log.info("worker %s: found waiting at its ready marker (pid %d, left by a previous "
                  "supervisor)", worker, pid)

@@ -71,19 +71,19 @@ async def reap(pids: list[int], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.05)
 
 
-def not_our_worker(pid: int, control_dir: Path) -> str | None:
+def not_our_worker(pid: int, control_dir: Path, uid: int) -> str | None:
     """Why `pid` (read from a ready marker) is not a worker of this instance waiting in
     `control_dir`, or None. A marker's pid is never trusted alone for a kill or a dump: the
-    process must run as this user, lead its own process group (the group is what is
-    killed) and have been started for this very control directory."""
+    process must run as the workers' account `uid`, lead its own process group (the group
+    is what is killed) and have been started for this very control directory."""
     try:
         owner = os.stat(f"/proc/{pid}").st_uid
         with open(f"/proc/{pid}/environ", "rb") as fh:
             environ = fh.read(1 << 20).split(b"\0")
     except OSError as exc:
         return f"pid {pid} cannot be inspected: {exc.strerror or exc}"
-    if owner != os.geteuid():
-        return f"pid {pid} runs as uid {owner}, not as this service"
+    if owner != uid:
+        return f"pid {pid} runs as uid {owner}, not as this service's workers ({uid})"
     try:
         if os.getpgid(pid) != pid:
             return f"pid {pid} does not lead its process group"

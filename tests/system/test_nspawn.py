@@ -10,6 +10,7 @@ agent and the engine .deb, no pip) serves as well.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -260,25 +261,60 @@ def test_stop_is_clean(container: Container) -> None:
     assert agent_processes(container) == []
 
 
+def worker_credentials(container: Container) -> dict[str, tuple[str, str, str, str]]:
+    """Every process of the worker's tree (the API server, EngineCore, vLLM's Worker): its
+    command, uids, effective capabilities and no_new_privs, from /proc/PID/status."""
+    worker = status(container)["workers"][0]["pid"]
+    pids = container.run(f"echo {worker}; pgrep -P {worker}; "
+                         f"for p in $(pgrep -P {worker}); do pgrep -P $p; done").stdout.split()
+    found = {}
+    for pid in pids:
+        fields = dict(line.split(":\t", 1) for line in container.run(
+            f"cat /proc/{pid}/status").stdout.splitlines() if ":\t" in line)
+        found[pid] = (fields["Name"].strip(), fields["Uid"].split()[0], fields["CapEff"].strip(),
+                      fields["NoNewPrivs"].strip())
+    return found
+
+
+def assert_unprivileged(container: Container, when: str) -> None:
+    uid = container.run("id -u dynamo-vllm").stdout.strip()
+    tree = worker_credentials(container)
+    assert len(tree) >= 3, (when, tree)  # the API server, EngineCore and vLLM's Worker
+    for pid, (name, owner, capabilities, no_new_privs) in tree.items():
+        assert (owner, int(capabilities, 16), no_new_privs) == (uid, 0, "1"), (when, pid, name)
+    supervisor = container.show(UNIT, "MainPID")
+    assert container.run(f"stat -c %u /proc/{supervisor}").stdout.strip() == "0"
+
+
 def test_the_checkpoint_drop_in_lets_the_unit_restore_its_worker(container: Container,
                                                                  criu: Path) -> None:
-    # The drop-in as shipped, under the unit's real sandbox: the first start takes a
-    # checkpoint and restores from it, the next start restores at once, and the restored
-    # worker's output still reaches journald (its stdout is a socket CRIU must hand over).
+    # The drop-in as shipped, under the unit's real sandbox. Only the supervisor is root:
+    # the worker's processes run as dynamo-vllm with no capabilities and no_new_privs, cold
+    # and restored. A checkpoint on request is taken and restored at once; the next start
+    # restores at once; the restored worker's output still reaches journald (its stdout is
+    # a socket CRIU must hand over); a /dev/shm file another user made under a saved name
+    # makes the restore refuse and the worker start cold, never map it.
     dropins = f"/etc/systemd/system/{UNIT}.d"
     config = container.run("cat /etc/dynamo-vllm/tiny.toml").stdout
     container.run(f"mkdir -p {dropins} && cp /mnt/share/checkpoint.conf {dropins}/ && "
                   "systemctl daemon-reload")
     container.run(f"cat >> /etc/dynamo-vllm/tiny.toml <<'EOF'\n[checkpoint]\nenabled = true\n"
-                  f"criu = \"{criu}\"\nEOF")
+                  f"auto = false\ncriu = \"{criu}\"\nEOF")
     try:
         container.run(f"systemctl start {UNIT}", timeout=600)
         first = status(container)
-        assert first["workers"][0]["restored"] is True, first
-        assert first["checkpoint"]["available"] is True, first["checkpoint"]
+        assert first["workers"][0]["restored"] is False, first
+        assert_unprivileged(container, "cold")
+        taken = container.run("dynamo-vllm checkpoint tiny --json", timeout=600)
+        assert json.loads(taken.stdout)[0]["result"] == "taken", taken.stdout
+        wait_for(lambda: status(container).get("ready") and
+                 status(container)["workers"][0]["restored"], 120, interval=1,
+                 what="restored from the checkpoint just taken")
+        assert_unprivileged(container, "restored on request")
         container.run(f"systemctl restart {UNIT}", timeout=600)
         again = status(container)
         assert again["ready"] and again["workers"][0]["restored"] is True, again
+        assert_unprivileged(container, "restored at start")
         base_port = container.base_port  # type: ignore[attr-defined]
         answer = httpx.post(f"http://127.0.0.1:{base_port}/v1/completions", timeout=60,
                             json={"model": "tiny", "prompt": "hello", "max_tokens": 4})
@@ -290,6 +326,23 @@ def test_the_checkpoint_drop_in_lets_the_unit_restore_its_worker(container: Cont
         container.run(f"systemctl stop {UNIT}", timeout=200)
         assert container.show(UNIT, "Result") == "success"
         assert agent_processes(container) == []
+
+        # Another local user squats a saved /dev/shm name while the unit is down.
+        saved = container.run("ls /var/lib/dynamo-vllm/checkpoints/tiny/*/shm/ | "
+                              "grep '^psm_' | head -1").stdout.strip()
+        assert saved, "no saved /dev/shm queue to squat"
+        container.run("id intruder >/dev/null 2>&1 || useradd --no-create-home intruder")
+        container.run(f"runuser -u intruder -- sh -c 'head -c 4096 /dev/zero > /dev/shm/{saved}'")
+        try:
+            container.run(f"systemctl start {UNIT}", timeout=600)
+            squatted = status(container)
+            assert squatted["ready"] and squatted["workers"][0]["restored"] is False, squatted
+            journal = container.run(f"journalctl --no-pager -o cat -u {UNIT}").stdout
+            assert f"/dev/shm/{saved} exists and is not the service's" in journal, \
+                journal[-3000:]
+        finally:
+            container.run(f"rm -f /dev/shm/{saved}")
+        container.run(f"systemctl stop {UNIT}", timeout=200)
     finally:
         container.run(f"systemctl stop {UNIT}; rm -f {dropins}/checkpoint.conf; "
                       "systemctl daemon-reload", timeout=200, check=False)

@@ -22,11 +22,13 @@ def test_only_a_worker_started_for_the_directory_passes(tmp_path: Path) -> None:
                                  start_new_session=True)
     not_leader = subprocess.Popen(SLEEP, env={**os.environ, Env.CONTROL_DIR: str(control)})
     try:
-        assert not_our_worker(ours.pid, control) is None
-        assert "was not started for" in (not_our_worker(other_dir.pid, control) or "")
-        assert "does not lead its process group" in (not_our_worker(not_leader.pid, control)
+        assert not_our_worker(ours.pid, control, os.geteuid()) is None
+        assert "runs as uid" in (not_our_worker(ours.pid, control, 12345) or "")
+        assert "was not started for" in (not_our_worker(other_dir.pid, control, os.geteuid()) or "")
+        assert "does not lead its process group" in (not_our_worker(not_leader.pid, control,
+                                                                    os.geteuid())
                                                      or "")
-        assert "cannot be inspected" in (not_our_worker(2**22 + 7, control) or "")
+        assert "cannot be inspected" in (not_our_worker(2**22 + 7, control, os.geteuid()) or "")
     finally:
         for proc in (ours, other_dir, not_leader):
             proc.kill()
