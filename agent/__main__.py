@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from pathlib import Path
 from typing import NoReturn
 
 from dynamo_vllm.agent.chrek_env import checkpoint_already_taken
@@ -81,10 +82,14 @@ def run(config_path: str, index: int = 0, debug: bool = False) -> NoReturn:
     if not 0 <= index < config.workers.count:
         _exit(_config_error([f"--index {index}: the config has workers 0 to "
                              f"{config.workers.count - 1} (workers.count)"]))
-    logs.setup("debug" if debug else config.logging.level, name=f"worker{index}")
+    level = "debug" if debug else config.logging.level
+    logs.setup(level, name=f"worker{index}", worker=str(index))
     for warning in config.warnings:
         log.warning("%s", warning)
     own_metrics_dir = _prepare_environment(index)
+    # Before vLLM is imported: its logger, here and in EngineCore and its workers, is ours.
+    logs.route_vllm_logging(Path(os.environ[Env.PROMETHEUS_MULTIPROC_DIR]), f"worker{index}",
+                            str(index), level)
     try:
         snapshot = settings_from_env(os.environ, config.checkpoint.timeout,
                                      config.checkpoint.sleep_level, config.checkpoint.env_allow)

@@ -7,6 +7,7 @@ that is joined with a timeout, and whatever outlives it is killed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -82,6 +83,18 @@ def call_bounded(fn: Callable[[], object], timeout: float, what: str) -> bool:
         return False
     log.info("%s took %.1f s", what, time.monotonic() - started)
     return True
+
+
+async def stop_output_handler(engine: object) -> None:
+    """Cancel AsyncLLM's output handler before the engine stops. vLLM's own shutdown stops
+    EngineCore first and cancels the handler after, so on every clean stop the handler
+    first saw the engine gone and logged an ERROR traceback (EngineDeadError) for a death
+    that was the plan."""
+    handler = getattr(engine, "output_handler", None)
+    if isinstance(handler, asyncio.Task) and not handler.done():
+        handler.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(handler, 5.0)
 
 
 def shutdown_engine(engine: object, timeout: float) -> None:

@@ -179,6 +179,9 @@ def make_server(app: ASGIApp, log_level: str, graceful_timeout: float) -> Server
         app,
         lifespan="off",
         log_level=log_level,
+        # No logging config of uvicorn's own: its loggers reach the worker's handler
+        # (journald's priorities and fields) like every other line.
+        log_config=None,
         access_log=False,
         timeout_graceful_shutdown=max(1, int(graceful_timeout)),
         # The control gate decides "loopback" from the socket's peer: a same-host proxy

@@ -32,7 +32,7 @@ from dynamo_vllm.agent.lifecycle import SleepController
 from dynamo_vllm.agent.lora import LoraAdapters
 from dynamo_vllm.agent.metrics import EngineGauges
 from dynamo_vllm.agent.monitor import EngineErrorHook, EngineMonitor
-from dynamo_vllm.agent.processes import descendants, kill_all, shutdown_engine
+from dynamo_vllm.agent.processes import descendants, kill_all, shutdown_engine, stop_output_handler
 from dynamo_vllm.agent.publisher import StatLoggerFactory
 from dynamo_vllm.agent.server import WorkerApp, bind_socket, make_server
 from dynamo_vllm.agent.snapshot import (
@@ -208,6 +208,7 @@ class Worker:
                 # see SIGTERM): kill its processes first, then release the front-end.
                 await asyncio.to_thread(kill_all, descendants(), 0.5)
                 timeout = HUNG_ENGINE_SHUTDOWN_S
+            await stop_output_handler(engine)
             await asyncio.to_thread(shutdown_engine, engine, timeout)
             await self._stop_server(server, serve_task, force=True)
         return code

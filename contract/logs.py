@@ -1,14 +1,22 @@
-"""Logging set-up shared by the supervisor and the workers: one event per line.
+"""Logging set-up shared by the supervisor and the workers: one event per record.
 
-Under systemd (`JOURNAL_STREAM` set) each line starts with its syslog priority (`<3>` for
-errors), so `journalctl -p err` filters by level; elsewhere lines carry a timestamp.
+Under systemd (`JOURNAL_STREAM` set) each record goes to journald with its priority and
+structured fields (contract/journal.py: WORKER=, EXIT_CODE=, REASON=), falling back to a
+line that starts with its syslog priority (`<3>` for errors); elsewhere lines carry a
+timestamp. vLLM configures its own logger in every process it starts (the API server,
+EngineCore, its workers); `route_vllm_logging` hands it ours through its supported hook,
+VLLM_LOGGING_CONFIG_PATH, so an engine's traceback reaches `journalctl -p err` too.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
+
+from dynamo_vllm.contract.journal import JournalHandler
 
 _SYSLOG_PRIORITY = {
     logging.CRITICAL: 2,
@@ -35,16 +43,37 @@ class JournalFormatter(logging.Formatter):
         return prefix + text.replace("\n", "\n" + prefix)
 
 
-def setup(level: str = "info", name: str = "dynamo-vllm") -> None:
-    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    handler = logging.StreamHandler(sys.stderr)
-    if under_journal:
-        handler.setFormatter(JournalFormatter(f"{name}: %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter(
+def handler(name: str = "dynamo-vllm", worker: str | None = None) -> logging.Handler:
+    """The handler of this process's records: to journald under systemd, else stderr.
+    `worker`: the worker's index, a field on each of its records."""
+    stream = logging.StreamHandler(sys.stderr)
+    if not os.environ.get("JOURNAL_STREAM"):
+        stream.setFormatter(logging.Formatter(
             f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s"))
+        return stream
+    stream.setFormatter(JournalFormatter(f"{name}: %(name)s: %(message)s"))
+    journal = JournalHandler(stream, {"WORKER": worker} if worker is not None else {},
+                             syslog_priority)
+    journal.setFormatter(logging.Formatter(f"{name}: %(name)s: %(message)s"))
+    return journal
+
+
+def route_vllm_logging(directory: Path, name: str, worker: str, level: str) -> None:
+    """Make vLLM's logger use `handler(name, worker)` in this process and in every process
+    the engine starts (they inherit the environment and read the file at import)."""
+    path = directory / "vllm-logging.json"
+    path.write_text(json.dumps({
+        "version": 1, "disable_existing_loggers": False,
+        "handlers": {"agent": {"()": f"{__name__}.handler", "name": name, "worker": worker}},
+        "loggers": {"vllm": {"handlers": ["agent"], "level": level.upper(),
+                             "propagate": False}}}))
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
+
+
+def setup(level: str = "info", name: str = "dynamo-vllm", worker: str | None = None) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler(name, worker)]
     root.setLevel(level.upper())
     # httpx logs every request at INFO: etcd keep-alives would fill the journal every
     # second or two. Their failures are logged by the agent, with what they mean.

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from dynamo_vllm.contract import journal
 from dynamo_vllm.contract.config import Config
 from dynamo_vllm.contract.discovery.backends import DiscoveryBackend
 from dynamo_vllm.contract.protocol import ExitCode, Route, WorkerState
@@ -145,14 +146,17 @@ def _carry_on(handle: WorkerHandle, service: Service, code: int | None,
         handle.stopped()
         return False
     if handle.take_restart_request():
-        log.info("worker %s restarting on request", handle.name)
+        log.info("worker %s restarting on request", handle.name,
+                 extra=journal.fields(handle.name, code, "request"))
         return True
     if code == ExitCode.CHECKPOINTED and service.chrek is not None and killed_for is None:
-        log.info("worker %s ended after its checkpoint; starting it again", handle.name)
+        log.info("worker %s ended after its checkpoint; starting it again", handle.name,
+                 extra=journal.fields(handle.name, code, "checkpointed"))
         return True
     if code in NO_RESTART and killed_for is None:
         handle.give_up(f"{NO_RESTART[ExitCode(code)]} (exit {code}); see the log")
-        log.error("worker %s will not be restarted: %s", handle.name, handle.failed_reason)
+        log.error("worker %s will not be restarted: %s", handle.name, handle.failed_reason,
+                  extra=journal.fields(handle.name, code, "not_restartable"))
         return False
     reason = restart_reason(code, killed_for)
     handle.policy.record_failure()
@@ -160,12 +164,13 @@ def _carry_on(handle: WorkerHandle, service: Service, code: int | None,
         handle.give_up(f"crash loop ({handle.policy.recent_failures} failures in "
                        f"{service.config.workers.crash_loop_window:g} s), last: "
                        f"{handle.last_exit}")
-        log.error("worker %s given up: %s", handle.name, handle.failed_reason)
+        log.error("worker %s given up: %s", handle.name, handle.failed_reason,
+                  extra=journal.fields(handle.name, code, "crash_loop"))
         return False
     handle.restarting(reason)
     service.metrics.restarts.labels(worker=handle.name, reason=reason.value).inc()
     log.warning("worker %s ended (%s); restarting (reason %s)", handle.name, handle.last_exit,
-                reason.value)
+                reason.value, extra=journal.fields(handle.name, code, reason.value))
     return True
 
 
@@ -206,7 +211,8 @@ async def watch(handle: WorkerHandle,
         verdict = await poll(handle, service)
         if verdict is not None:
             killed_for = verdict
-            log.error("worker %s: %s; killing its process group", handle.name, verdict.value)
+            log.error("worker %s: %s; killing its process group", handle.name, verdict.value,
+                      extra=journal.fields(handle.name, reason=verdict.value))
             handle.kill_group()
 
 
@@ -248,6 +254,7 @@ def _observed(handle: WorkerHandle, service: Service, state: WorkerState | None,
         if handle.started_at is not None:
             service.metrics.start_seconds.labels(worker=handle.name).set(
                 time.monotonic() - handle.started_at)
-        log.info("worker %s serving on port %d", handle.name, handle.spec.port)
+        log.info("worker %s serving on port %d", handle.name, handle.spec.port,
+                 extra=journal.fields(handle.name))
     if handle.serving:
         handle.sample_shm()

@@ -21,6 +21,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from dynamo_vllm.contract import journal
 from dynamo_vllm.contract.discovery.backends import DiscoveryBackend, DiscoveryUnavailable
 from dynamo_vllm.contract.protocol import ExitCode, WorkerState
 from dynamo_vllm.supervisor import metric_files
@@ -276,7 +277,8 @@ class WorkerHandle:
         )
         self._started(proc, Phase.STARTING, restored=False)
         log.info("worker %s started (pid %d, port %d%s)", self.name, proc.pid,
-                 self.spec.port, f", GPUs {self.spec.gpus}" if self.spec.gpus else "")
+                 self.spec.port, f", GPUs {self.spec.gpus}" if self.spec.gpus else "",
+                 extra=journal.fields(self.name))
 
     def adopt(self, pid: int, restore_started: float) -> None:
         """Take on a worker restored from a checkpoint (already our child)."""

@@ -81,6 +81,12 @@ def status(guest: Container) -> dict:
         return {}
 
 
+def journal_entries(guest: Container, selection: str) -> list[dict]:
+    """The journal's entries as JSON objects (`journalctl -o json`)."""
+    out = guest.run(f"journalctl --no-pager -o json {selection}").stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
 def agent_processes(guest: Container) -> list[str]:
     out = guest.run("pgrep -a -f 'dynamo_vllm|dynamo-vllm run|VLLM::' || true").stdout
     return [line for line in out.splitlines() if "pgrep" not in line]
@@ -137,6 +143,13 @@ def test_start_returns_after_ready(container: Container) -> None:
     assert container.show(UNIT, "ActiveState") == "active"
     shown = container.run(f"systemctl status --no-pager {UNIT}", check=False).stdout
     assert 'Status: "1/1 workers serving' in shown, shown
+    # A clean start logs nothing at err or above, vLLM's and EngineCore's lines included
+    # (they reach journald through the agent's handler, with priorities and fields).
+    assert container.run(f"journalctl --no-pager -o cat -u {UNIT} -p err").stdout.strip() \
+        == "", "errors logged by a clean start"
+    entries = journal_entries(container, f"-u {UNIT}")
+    assert any(e.get("WORKER") == "0" and "vllm" in e.get("LOGGER", "") for e in entries), \
+        "vLLM's own lines carry the worker's field"
 
 
 def test_the_host_scrapes_metrics_and_gets_answers(container: Container) -> None:
@@ -207,6 +220,9 @@ def test_engine_core_killed_restarts_the_worker_not_the_unit(container: Containe
     errors = container.run(f"journalctl --no-pager -o cat -u {UNIT} -p err").stdout
     assert "engine dead" in errors.lower() or "exit 3" in errors, errors
     assert "serving tiny" not in errors  # info lines are not errors
+    # One worker's events, by field: the exit code and the restart reason.
+    ended = journal_entries(container, f"-u {UNIT} WORKER=0 EXIT_CODE=3")
+    assert any(e.get("REASON") == "engine_dead" for e in ended), ended[-3:]
     tagged = container.run("journalctl --no-pager -o cat -t dynamo-vllm -n 200").stdout
     assert "worker 0" in tagged
 
@@ -256,9 +272,16 @@ def test_a_bad_config_fails_once_and_names_the_key(container: Container) -> None
 
 
 def test_stop_is_clean(container: Container) -> None:
+    cursor = container.run("journalctl --show-cursor -n 0 -q | tail -1").stdout.split(
+        "cursor: ")[-1].strip()
     container.run(f"systemctl stop {UNIT}", timeout=200)
     assert container.show(UNIT, "Result") == "success"
     assert agent_processes(container) == []
+    # A clean stop: nothing at err or above, and none of the agent's own warnings (vLLM's
+    # output handler no longer sees a planned engine stop as a death).
+    after = journal_entries(container, f"-u {UNIT} -p warning --after-cursor '{cursor}'")
+    assert [e["MESSAGE"] for e in after if int(e.get("PRIORITY", 6)) <= 3] == []
+    assert [e["MESSAGE"] for e in after if e.get("LOGGER", "").startswith("dynamo_vllm")] == []
 
 
 def worker_credentials(container: Container) -> dict[str, tuple[str, str, str, str]]:
