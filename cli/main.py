@@ -97,4 +97,6 @@ for _command in (control.status, control.sleep, control.wake, control.endpoints,
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m dynamo_vllm.cli.main` is the command too: its help, man page and shell
+    # completion (_DYNAMO_VLLM_COMPLETE) name it as installed.
+    main(prog_name="dynamo-vllm")

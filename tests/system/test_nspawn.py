@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -109,6 +110,15 @@ def test_install_creates_the_user_and_starts_nothing(container: Container) -> No
     assert "Overall exposure level" in exposure
     assert container.run("systemctl list-units --no-legend 'dynamo-vllm@*'").stdout.strip() == ""
     assert agent_processes(container) == []
+    # The man page and bash completion the package installs.
+    page = container.run("zcat /usr/share/man/man1/dynamo-vllm.1.gz").stdout
+    assert ".TH DYNAMO-VLLM" in page and "checkpoints" in page and "/etc/dynamo-vllm" in page
+    registered = container.run("bash -c '. /usr/share/bash-completion/completions/dynamo-vllm "
+                               "&& complete -p dynamo-vllm'").stdout
+    assert "dynamo-vllm" in registered, registered
+    offered = container.run("_DYNAMO_VLLM_COMPLETE=bash_complete COMP_WORDS='dynamo-vllm che' "
+                            "COMP_CWORD=1 dynamo-vllm").stdout
+    assert "checkpoint" in offered and "checkpoints" in offered, offered
 
 
 def test_engine_installs_offline_beside_the_package(container: Container) -> None:
@@ -166,6 +176,27 @@ def test_the_host_scrapes_metrics_and_gets_answers(container: Container) -> None
         return text if all(w in text for w in wanted) else None
 
     wait_for(scraped, 30, interval=1, what="node, supervisor and worker series")
+    # Under steady load for over two watchdog periods (WatchdogSec=10 here), a healthy
+    # instance is never restarted: the watchdog follows the engine's health, not its load.
+    deadline = time.monotonic() + 25
+    failures: list[str] = []
+
+    def client() -> None:
+        while time.monotonic() < deadline:
+            reply = httpx.post(f"http://127.0.0.1:{base_port}/v1/completions", timeout=60,
+                               json={"model": "tiny", "prompt": "hello", "max_tokens": 48,
+                                     "ignore_eos": True})
+            if reply.status_code != 200:
+                failures.append(reply.text[:200])
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(timeout=120)
+    assert failures == [], failures[:3]
+    assert container.show(UNIT, "NRestarts") == "0"
+    assert container.show(UNIT, "ActiveState") == "active"
 
 
 PROBE = """import sys, urllib.error, urllib.request
@@ -257,6 +288,41 @@ def test_a_stopped_supervisor_is_restarted_by_the_watchdog(container: Container)
     assert sum("dynamo-vllm run" in p for p in procs) == 1, procs
     assert sum("dynamo_vllm.agent" in p for p in procs) == 1, procs
     assert sum("VLLM::EngineCore" in p for p in procs) == 1, procs
+
+
+def test_the_watchdog_restarts_an_instance_whose_workers_cannot_serve(
+        container: Container) -> None:
+    """The design's core promise under real systemd: once an instance stays below
+    min_ready past watchdog.unready_grace, the supervisor withholds WATCHDOG=1 and systemd
+    restarts the unit. Stand-in workers: only the first life serves, every restart of it
+    stays "loading" (an engine that cannot come back), so no engine start is needed."""
+    unit = "dynamo-vllm@hang.service"
+    container.run("install -m 0755 /mnt/share/fake_worker.py /usr/local/lib/fake_worker.py")
+    container.run("cat > /usr/local/bin/fake-python <<'EOF'\n#!/bin/sh\n"
+                  'exec /usr/bin/python3 /usr/local/lib/fake_worker.py "$@"\nEOF\n'
+                  "chmod 755 /usr/local/bin/fake-python")
+    config = tomllib.loads(container.run("cat /etc/dynamo-vllm/tiny.toml").stdout)
+    config["workers"].update(python="/usr/local/bin/fake-python", base_port=free_port(),
+                             restart_backoff=0.2)
+    config["metrics"]["port"] = free_port()
+    config["watchdog"] = {"unready_grace": 5.0}
+    container.run(f"cat > /etc/dynamo-vllm/hang.toml <<'EOF'\n{tomli_w.dumps(config)}\nEOF")
+    container.run("echo FAKE_WORKER_SERVE_ONCE=/run/served-once > /etc/dynamo-vllm/hang.env && "
+                  "rm -f /run/served-once")
+    container.run(f"mkdir -p /etc/systemd/system/{unit}.d && printf '[Service]\\nWatchdogSec=10\\n'"
+                  f" > /etc/systemd/system/{unit}.d/test.conf && systemctl daemon-reload")
+    try:
+        container.run(f"systemctl start {unit}", timeout=120)
+        assert container.show(unit, "NRestarts") == "0"
+        container.run("pkill -f /usr/local/lib/fake_worker.py")  # its next lives never serve
+        container.wait(f"test \"$(systemctl show -P NRestarts {unit})\" -ge 1", 90,
+                       "systemd's restart after the withheld watchdog")
+        journal = container.run(f"journalctl --no-pager -o cat -u {unit}").stdout
+        assert "Watchdog timeout" in journal, journal[-3000:]
+    finally:
+        container.run(f"systemctl stop {unit}; rm -rf /etc/systemd/system/{unit}.d "
+                      "/etc/dynamo-vllm/hang.toml /etc/dynamo-vllm/hang.env /run/served-once; "
+                      "systemctl daemon-reload", timeout=120, check=False)
 
 
 def test_a_bad_config_fails_once_and_names_the_key(container: Container) -> None:
