@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from dynamo_vllm.cli import bench, control, tools
+from dynamo_vllm.cli import bench, control, doctor, tools
 from dynamo_vllm.cli.common import config_path_for, instance_name, load_or_exit
 from dynamo_vllm.contract.protocol import ExitCode
 
@@ -89,7 +89,7 @@ def run(name: str | None, config_file: str | None, runtime_dir: Path | None,
     sys.exit(int(code))
 
 
-for _command in (control.status, control.sleep, control.wake, control.endpoints,
+for _command in (doctor.doctor, control.status, control.sleep, control.wake, control.endpoints,
                  control.checkpoint, control.checkpoints, control.restore, control.reload,
                  bench.bench,
                  tools.tiny_model, tools.engine, tools.config):

@@ -144,6 +144,17 @@ def test_start_returns_after_ready(container: Container) -> None:
                   "'[Service]\\nWatchdogSec=10\\n' > "
                   "/etc/systemd/system/dynamo-vllm@tiny.service.d/test.conf && "
                   "systemctl daemon-reload")
+    # The preflight, as root: the service user's checks pass on this install...
+    doctor = container.run("dynamo-vllm doctor tiny", check=False, timeout=300)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "readable by dynamo-vllm" in doctor.stdout, doctor.stdout
+    # ...and a model the service user cannot read is named.
+    container.run("mkdir -p /root/private-model && cp -a /var/lib/dynamo-vllm/models/tiny/. "
+                  f"/root/private-model/ && sed 's|{GUEST_MODEL}|/root/private-model|' "
+                  "/etc/dynamo-vllm/tiny.toml > /etc/dynamo-vllm/private.toml")
+    broken = container.run("dynamo-vllm doctor private", check=False, timeout=300)
+    assert broken.returncode == 1 and "FAIL  model" in broken.stdout, broken.stdout
+    container.run("rm -rf /root/private-model /etc/dynamo-vllm/private.toml")
     started = time.monotonic()
     container.run(f"systemctl start {UNIT}", timeout=600)
     print(f"systemctl start returned after {time.monotonic() - started:.1f} s")
