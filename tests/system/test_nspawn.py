@@ -415,6 +415,14 @@ def test_the_checkpoint_drop_in_lets_the_unit_restore_its_worker(container: Cont
         again = status(container)
         assert again["ready"] and again["workers"][0]["restored"] is True, again
         assert_unprivileged(container, "restored at start")
+        # The restart wrote a new control token; the restored worker, whose memory predates
+        # it, takes the new one (it reads the file again when it changes), not the old.
+        slept = container.run("dynamo-vllm sleep tiny --level 0 --json")
+        assert json.loads(slept.stdout)[0]["code"] == 200, slept.stdout
+        container.run("dynamo-vllm wake tiny")
+        wait_for(lambda: status(container).get("ready"), 60, interval=1, what="awake again")
+        exposure = container.run(f"systemd-analyze security --no-pager {UNIT} | tail -1").stdout
+        print("systemd-analyze security with the checkpoint drop-in:", exposure.strip())
         base_port = container.base_port  # type: ignore[attr-defined]
         answer = httpx.post(f"http://127.0.0.1:{base_port}/v1/completions", timeout=60,
                             json={"model": "tiny", "prompt": "hello", "max_tokens": 4})
