@@ -43,11 +43,21 @@ class JournalFormatter(logging.Formatter):
         return prefix + text.replace("\n", "\n" + prefix)
 
 
+def stderr_is_the_journal() -> bool:
+    """systemd's own test: JOURNAL_STREAM names the device and inode of the stream it
+    connected; stderr redirected elsewhere (a file, a pipe) is not the journal."""
+    try:
+        info = os.fstat(2)
+    except OSError:
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{info.st_dev}:{info.st_ino}"
+
+
 def handler(name: str = "dynamo-vllm", worker: str | None = None) -> logging.Handler:
-    """The handler of this process's records: to journald under systemd, else stderr.
-    `worker`: the worker's index, a field on each of its records."""
+    """The handler of this process's records: to journald when stderr is the journal,
+    else stderr. `worker`: the worker's index, a field on each of its records."""
     stream = logging.StreamHandler(sys.stderr)
-    if not os.environ.get("JOURNAL_STREAM"):
+    if not stderr_is_the_journal():
         stream.setFormatter(logging.Formatter(
             f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s"))
         return stream

@@ -5,6 +5,7 @@ priority-prefixed line on stderr when the socket cannot take it."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -13,6 +14,12 @@ from pathlib import Path
 import pytest
 
 from dynamo_vllm.contract import journal, logs
+
+
+def stream_of_stderr() -> str:
+    """What systemd would put in JOURNAL_STREAM if fd 2 were its stream."""
+    info = os.fstat(2)
+    return f"{info.st_dev}:{info.st_ino}"
 
 
 def parse(datagram: bytes) -> dict[str, str]:
@@ -37,7 +44,7 @@ def journald(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket
     sock.bind(str(path))
     sock.settimeout(5)
     monkeypatch.setattr(journal, "JOURNAL_SOCKET", str(path))
-    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    monkeypatch.setenv("JOURNAL_STREAM", stream_of_stderr())
     yield sock
     sock.close()
 
@@ -64,7 +71,7 @@ def test_records_carry_their_fields(journald: socket.socket) -> None:
 def test_without_journald_a_prefixed_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(journal, "JOURNAL_SOCKET", str(tmp_path / "absent"))
-    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    monkeypatch.setenv("JOURNAL_STREAM", stream_of_stderr())
     log = logging.getLogger("dynamo_vllm.test.journal.fallback")
     log.handlers[:] = [logs.handler("dynamo-vllm@x")]
     log.propagate = False
@@ -73,11 +80,16 @@ def test_without_journald_a_prefixed_line(tmp_path: Path, monkeypatch: pytest.Mo
                                       "still told\n"
 
 
+def test_stderr_elsewhere_is_not_the_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")  # a stream, but not fd 2's
+    assert not logs.stderr_is_the_journal()
+    assert isinstance(logs.handler(), logging.StreamHandler)
+
+
 def test_vllms_logger_uses_ours_in_a_new_process(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """As in EngineCore: a fresh interpreter applies vLLM's logging config, built from the
     environment (what EngineCore gets in its VllmConfig), and logs through ours."""
-    import os
     import subprocess
     import sys
 
