@@ -97,7 +97,7 @@ check "stop result is success" is Result success
 systemctl start "$unit"
 check "dpkg -r succeeds" dpkg -r dynamo-vllm
 check "dpkg -r stopped the running instance" test "$(pgrep -f '[f]ake_worker.py|[d]ynamo-vllm run' | wc -l)" -eq 0
-check "dpkg -P leaves nothing behind" sh -c 'dpkg -P dynamo-vllm && [ ! -e /opt/dynamo-vllm ] && [ ! -e /var/lib/dynamo-vllm ] && [ ! -e /etc/dynamo-vllm/example.toml ]'
+check "dpkg -P leaves nothing of its own, keeps the operator's models" sh -c 'dpkg -P dynamo-vllm && [ ! -e /opt/dynamo-vllm ] && [ ! -e /var/lib/dynamo-vllm/checkpoints ] && [ "$(ls -A /var/lib/dynamo-vllm)" = models ] && [ ! -e /etc/dynamo-vllm/example.toml ]'
 
 echo "scenario took $(( $(date +%s) - started )) s"
 echo "$passed passed, $failed failed"
