@@ -131,6 +131,8 @@ class StatusServer:
         if self.thread.is_alive():
             self.own_loop.call_soon_threadsafe(self.own_loop.stop)
             self.thread.join(timeout=5)
+        elif not self.own_loop.is_closed():
+            self.own_loop.close()  # never started
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.sock.close()
 
@@ -145,6 +147,12 @@ class StatusServer:
             self.server.close()
             for writer in list(self.waiting):
                 writer.transport.abort()
+            # Connections still being answered end here, then the loop itself.
+            pending = asyncio.all_tasks(self.own_loop)
+            for task in pending:
+                task.cancel()
+            self.own_loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.own_loop.close()
 
     # ------------------------------------------------------------ connections
 
