@@ -1,10 +1,10 @@
-"""`dynamo-vllm doctor` on a good instance and a broken one: each check on its own line,
-the engine really imported, a port really taken, an etcd that does not answer, a CRIU that
-is not there; exit 1 naming what fails."""
+"""`dynamo-vllm doctor` on a broken instance: each check on its own line, a port really
+taken, an etcd that does not answer, a CRIU that is not there, an engine that cannot be
+imported; exit 1 naming what fails. (A good install, the engine imported as the service
+user, is the container tier's: tests/system/test_nspawn.py.)"""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -13,17 +13,6 @@ from pathlib import Path
 from tests.harness import engine_config, free_port, write_config
 
 CLI = [sys.executable, "-m", "dynamo_vllm.cli.main", "doctor"]
-
-
-def test_a_good_instance_passes(tiny_model: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "good.toml", engine_config(
-        tiny_model, free_port(), metrics={"port": free_port()}))
-    out = subprocess.run([*CLI, str(config), "--json"], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    checks = {c["name"]: c for c in json.loads(out.stdout)}
-    assert {"config", "model", "engine", "gpus", "ports", "credential"} <= set(checks)
-    assert checks["engine"]["verdict"] == "ok" and "vLLM" in checks["engine"]["detail"]
 
 
 def test_a_broken_instance_names_what_fails(tiny_model: Path, tmp_path: Path) -> None:

@@ -149,11 +149,15 @@ def test_start_returns_after_ready(container: Container) -> None:
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "readable by dynamo-vllm" in doctor.stdout, doctor.stdout
     # ...and a model the service user cannot read is named.
+    private = tomllib.loads(config)
+    private["model"]["path"] = "/root/private-model"
+    private["workers"]["python"] = "/bin/false"  # and an engine that cannot be imported
     container.run("mkdir -p /root/private-model && cp -a /var/lib/dynamo-vllm/models/tiny/. "
-                  f"/root/private-model/ && sed 's|{GUEST_MODEL}|/root/private-model|' "
-                  "/etc/dynamo-vllm/tiny.toml > /etc/dynamo-vllm/private.toml")
+                  "/root/private-model/ && cat > /etc/dynamo-vllm/private.toml <<'EOF'\n"
+                  f"{tomli_w.dumps(private)}\nEOF")
     broken = container.run("dynamo-vllm doctor private", check=False, timeout=300)
     assert broken.returncode == 1 and "FAIL  model" in broken.stdout, broken.stdout
+    assert "check(s) failed: engine, model" in broken.stderr, broken.stderr
     container.run("rm -rf /root/private-model /etc/dynamo-vllm/private.toml")
     started = time.monotonic()
     container.run(f"systemctl start {UNIT}", timeout=600)
@@ -316,11 +320,11 @@ def test_the_watchdog_restarts_an_instance_whose_workers_cannot_serve(
     config["workers"].update(python="/usr/local/bin/fake-python", base_port=free_port(),
                              restart_backoff=0.2)
     config["metrics"]["port"] = free_port()
-    config["watchdog"] = {"unready_grace": 5.0}
+    config["watchdog"] = {"unready_grace": 2.0}
     container.run(f"cat > /etc/dynamo-vllm/hang.toml <<'EOF'\n{tomli_w.dumps(config)}\nEOF")
     container.run("echo FAKE_WORKER_SERVE_ONCE=/run/served-once > /etc/dynamo-vllm/hang.env && "
                   "rm -f /run/served-once")
-    container.run(f"mkdir -p /etc/systemd/system/{unit}.d && printf '[Service]\\nWatchdogSec=10\\n'"
+    container.run(f"mkdir -p /etc/systemd/system/{unit}.d && printf '[Service]\\nWatchdogSec=4\\n'"
                   f" > /etc/systemd/system/{unit}.d/test.conf && systemctl daemon-reload")
     try:
         container.run(f"systemctl start {unit}", timeout=120)
@@ -389,28 +393,23 @@ def assert_unprivileged(container: Container, when: str) -> None:
 def test_the_checkpoint_drop_in_lets_the_unit_restore_its_worker(container: Container,
                                                                  criu: Path) -> None:
     # The drop-in as shipped, under the unit's real sandbox. Only the supervisor is root:
-    # the worker's processes run as dynamo-vllm with no capabilities and no_new_privs, cold
-    # and restored. A checkpoint on request is taken and restored at once; the next start
-    # restores at once; the restored worker's output still reaches journald (its stdout is
-    # a socket CRIU must hand over); a /dev/shm file another user made under a saved name
+    # the worker's processes run as dynamo-vllm with no capabilities and no_new_privs,
+    # restored and cold. The first start takes a checkpoint and restores from it, the next
+    # start restores at once; the restored worker's output still reaches journald (its stdout
+    # is a socket CRIU must hand over); a /dev/shm file another user made under a saved name
     # makes the restore refuse and the worker start cold, never map it.
     dropins = f"/etc/systemd/system/{UNIT}.d"
     config = container.run("cat /etc/dynamo-vllm/tiny.toml").stdout
     container.run(f"mkdir -p {dropins} && cp /mnt/share/checkpoint.conf {dropins}/ && "
                   "systemctl daemon-reload")
     container.run(f"cat >> /etc/dynamo-vllm/tiny.toml <<'EOF'\n[checkpoint]\nenabled = true\n"
-                  f"auto = false\ncriu = \"{criu}\"\nEOF")
+                  f"criu = \"{criu}\"\nEOF")
     try:
         container.run(f"systemctl start {UNIT}", timeout=600)
         first = status(container)
-        assert first["workers"][0]["restored"] is False, first
-        assert_unprivileged(container, "cold")
-        taken = container.run("dynamo-vllm checkpoint tiny --json", timeout=600)
-        assert json.loads(taken.stdout)[0]["result"] == "taken", taken.stdout
-        wait_for(lambda: status(container).get("ready") and
-                 status(container)["workers"][0]["restored"], 120, interval=1,
-                 what="restored from the checkpoint just taken")
-        assert_unprivileged(container, "restored on request")
+        assert first["workers"][0]["restored"] is True, first
+        assert first["checkpoint"]["available"] is True, first["checkpoint"]
+        assert_unprivileged(container, "restored after the first checkpoint")
         container.run(f"systemctl restart {UNIT}", timeout=600)
         again = status(container)
         assert again["ready"] and again["workers"][0]["restored"] is True, again
@@ -448,6 +447,7 @@ def test_the_checkpoint_drop_in_lets_the_unit_restore_its_worker(container: Cont
             journal = container.run(f"journalctl --no-pager -o cat -u {UNIT}").stdout
             assert f"/dev/shm/{saved} exists and is not the service's" in journal, \
                 journal[-3000:]
+            assert_unprivileged(container, "cold")
         finally:
             container.run(f"rm -f /dev/shm/{saved}")
         container.run(f"systemctl stop {UNIT}", timeout=200)
