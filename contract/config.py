@@ -233,10 +233,14 @@ def _validate_cross(config: Config, errors: list[str], check_paths: bool) -> Non
         errors.append("model.path: required (the directory of the model to serve)")
     elif check_paths:
         path = Path(config.model.path)
-        if not path.is_dir():
-            errors.append(f"model.path: {path} is not a directory")
-        elif not (path / "config.json").is_file():
-            errors.append(f"model.path: {path} has no config.json (not a Hugging Face model dir)")
+        try:
+            if not path.is_dir():
+                errors.append(f"model.path: {path} is not a directory")
+            elif not (path / "config.json").is_file():
+                errors.append(f"model.path: {path} has no config.json (not a Hugging Face "
+                              "model dir)")
+        except OSError as exc:  # is_dir raises for EACCES: another user, a private parent
+            errors.append(f"model.path: cannot read {path}: {exc.strerror or exc}")
     if config.workers.min_ready > config.workers.count:
         errors.append(f"workers.min_ready: {config.workers.min_ready} is more than "
                       f"workers.count ({config.workers.count})")

@@ -111,7 +111,9 @@ def test_install_creates_the_user_and_starts_nothing(container: Container) -> No
     assert container.run("systemctl list-units --no-legend 'dynamo-vllm@*'").stdout.strip() == ""
     assert agent_processes(container) == []
     # The man page and bash completion the package installs.
-    page = container.run("zcat /usr/share/man/man1/dynamo-vllm.1.gz").stdout
+    # (This minimal guest's dpkg skips /usr/share/man: the page is read from the package.)
+    page = container.run("dpkg-deb --fsys-tarfile /mnt/share/dynamo-vllm.deb | tar -xO "
+                         "./usr/share/man/man1/dynamo-vllm.1.gz | zcat").stdout
     assert ".TH DYNAMO-VLLM" in page and "checkpoints" in page and "/etc/dynamo-vllm" in page
     registered = container.run("bash -c '. /usr/share/bash-completion/completions/dynamo-vllm "
                                "&& complete -p dynamo-vllm'").stdout
@@ -124,8 +126,10 @@ def test_install_creates_the_user_and_starts_nothing(container: Container) -> No
 def test_engine_installs_offline_beside_the_package(container: Container) -> None:
     container.run("dynamo-vllm engine install --cpu --wheelhouse /mnt/wheelhouse", timeout=900)
     assert container.run("cat /opt/dynamo-vllm/engine/dynamo-vllm-engine.json").stdout
-    # pip never touched dpkg's files.
-    assert container.run("dpkg -V dynamo-vllm").stdout.strip() == ""
+    # pip never touched dpkg's files (the man page this guest's dpkg skips aside).
+    changed = [line for line in container.run("dpkg -V dynamo-vllm").stdout.splitlines()
+               if " /usr/share/man/" not in line]
+    assert changed == [], changed
     # The engine .deb for the last test: this very tree, packaged from outside (what
     # `build-engine-deb WHEELHOUSE` does on a build host, without a second pip install).
     _build([str(ROOT / "packaging" / "build-engine-deb"), "--from-tree",
@@ -322,21 +326,25 @@ def test_the_watchdog_restarts_an_instance_whose_workers_cannot_serve(
     config["metrics"]["port"] = free_port()
     config["watchdog"] = {"unready_grace": 2.0}
     container.run(f"cat > /etc/dynamo-vllm/hang.toml <<'EOF'\n{tomli_w.dumps(config)}\nEOF")
-    container.run("echo FAKE_WORKER_SERVE_ONCE=/run/served-once > /etc/dynamo-vllm/hang.env && "
-                  "rm -f /run/served-once")
+    # In the unit's runtime directory: the service user may write it, and it lasts the
+    # supervisor's life (each worker life after the first stays "loading").
+    container.run("echo FAKE_WORKER_SERVE_ONCE=/run/dynamo-vllm/hang/served-once "
+                  "> /etc/dynamo-vllm/hang.env")
     container.run(f"mkdir -p /etc/systemd/system/{unit}.d && printf '[Service]\\nWatchdogSec=4\\n'"
                   f" > /etc/systemd/system/{unit}.d/test.conf && systemctl daemon-reload")
     try:
-        container.run(f"systemctl start {unit}", timeout=120)
+        started = container.run(f"systemctl start {unit}", timeout=120, check=False)
+        assert started.returncode == 0, container.run(
+            f"journalctl --no-pager -o cat -u {unit} | tail -30").stdout
         assert container.show(unit, "NRestarts") == "0"
-        container.run("pkill -f /usr/local/lib/fake_worker.py")  # its next lives never serve
+        container.run("pkill -f '[/]usr/local/lib/fake_worker.py'")  # later lives never serve
         container.wait(f"test \"$(systemctl show -P NRestarts {unit})\" -ge 1", 90,
                        "systemd's restart after the withheld watchdog")
         journal = container.run(f"journalctl --no-pager -o cat -u {unit}").stdout
         assert "Watchdog timeout" in journal, journal[-3000:]
     finally:
         container.run(f"systemctl stop {unit}; rm -rf /etc/systemd/system/{unit}.d "
-                      "/etc/dynamo-vllm/hang.toml /etc/dynamo-vllm/hang.env /run/served-once; "
+                      "/etc/dynamo-vllm/hang.toml /etc/dynamo-vllm/hang.env; "
                       "systemctl daemon-reload", timeout=120, check=False)
 
 
