@@ -57,6 +57,18 @@ def _check_readable(path: str, user: str | None) -> str | None:
     return None if out.returncode == 0 else f"{path} is not readable by {user or 'this user'}"
 
 
+def _check_model(model: str, user: str | None) -> str | None:
+    """Every file of the model, weights included, readable by the workers' account (a file
+    saved 0600 and owned by another account is a start that fails late)."""
+    problem = _check_readable(str(Path(model) / "config.json"), user)
+    if problem:
+        return problem
+    out = _as_service(["find", model, "-maxdepth", "2", "!", "-readable", "-print", "-quit"],
+                      user, 60)
+    unreadable = out.stdout.strip()
+    return f"{unreadable} is not readable by {user or 'this user'}" if unreadable else None
+
+
 def run_checks(target: str) -> list[Check]:
     from dynamo_vllm.contract.engine_venv import engine_python
 
@@ -75,7 +87,7 @@ def run_checks(target: str) -> list[Check]:
         add("config", "warn", warning)
     user = _service_user()
     who = user or f"uid {os.geteuid()}"
-    problem = _check_readable(str(Path(cfg.model.path) / "config.json"), user)
+    problem = _check_model(cfg.model.path, user)
     add("model", "FAIL" if problem else "ok", problem or f"{cfg.model.path} readable by {who}")
     # The supervisor's own choice: workers.python, the engine venv, else its interpreter.
     python = cfg.workers.python or engine_python() or sys.executable

@@ -49,13 +49,9 @@ from dynamo_vllm.supervisor.checkpoint.identity import (
     identity,
 )
 from dynamo_vllm.supervisor.checkpoint.leftovers import end_left_waiting
-from dynamo_vllm.supervisor.checkpoint.processes import become_subreaper, store_root
+from dynamo_vllm.supervisor.checkpoint.processes import become_subreaper, split_problem, store_root
 from dynamo_vllm.supervisor.checkpoint.results import CheckpointResult, RestoreResult
-from dynamo_vllm.supervisor.checkpoint.store import (
-    CheckpointStore,
-    StoreError,
-    read_metadata,
-)
+from dynamo_vllm.supervisor.checkpoint.store import CheckpointStore, StoreError, read_metadata
 from dynamo_vllm.supervisor.checkpoint.taking import IMAGES, METRICS, CheckpointTaker
 from dynamo_vllm.supervisor.checkpoint.watcher import MarkerWatcher
 from dynamo_vllm.supervisor.metrics import CheckpointMetrics
@@ -107,7 +103,8 @@ class CheckpointCoordinator:
             removed = self.store.prepare()
             if removed:
                 log.info("checkpoint store: removed unfinished %s", ", ".join(removed))
-            self.unavailable = await asyncio.to_thread(self.checkpointer.check)
+            self.unavailable = await asyncio.to_thread(self.checkpointer.check) or \
+                split_problem(any(s.account for s in specs))
         except StoreError as exc:
             self.unavailable = f"checkpoint.store: {exc}"
         if self.unavailable:

@@ -4,6 +4,7 @@ restored trees are re-parented to, and waiting for dumped processes to be gone."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import time
@@ -13,6 +14,7 @@ from dynamo_vllm.contract.config import Config
 from dynamo_vllm.contract.protocol import Env
 
 PR_SET_CHILD_SUBREAPER = 36
+CAP_SYS_RESOURCE = 24
 # Free space below which a failed dump is put down to a full store.
 FULL_BELOW = 16 * 2**20
 
@@ -92,4 +94,22 @@ def not_our_worker(pid: int, control_dir: Path, uid: int) -> str | None:
     wanted = f"{Env.CONTROL_DIR}={control_dir}".encode()
     if wanted not in environ:
         return f"pid {pid} was not started for {control_dir}"
+    return None
+
+
+def has_capability(bit: int) -> bool:
+    """Whether this process holds capability `bit` in its effective set."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+def split_problem(workers_of_another_account: bool) -> str | None:
+    """Why CRIU cannot dump workers of another account here, or None: reading their
+    resource limits takes CAP_SYS_RESOURCE (some sandboxes' root lacks it)."""
+    if workers_of_another_account and not has_capability(CAP_SYS_RESOURCE):
+        return ("CRIU needs CAP_SYS_RESOURCE to read the limits of workers of another "
+                "account, and this supervisor lacks it")
     return None

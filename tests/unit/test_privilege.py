@@ -62,3 +62,17 @@ def test_accounts_that_cannot_be_used(monkeypatch: pytest.MonkeyPatch) -> None:
     else:
         with pytest.raises(StartupError, match="needs a supervisor running as root"):
             worker_account("")
+
+
+def test_checkpoints_of_another_accounts_workers_need_sys_resource() -> None:
+    from dynamo_vllm.supervisor.checkpoint.processes import (
+        CAP_SYS_RESOURCE,
+        has_capability,
+        split_problem,
+    )
+
+    assert split_problem(False) is None
+    held = has_capability(CAP_SYS_RESOURCE)
+    assert (split_problem(True) is None) == held
+    if not held:  # this machine's root (some sandboxes' root lacks it)
+        assert "CAP_SYS_RESOURCE" in (split_problem(True) or "")
