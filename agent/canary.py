@@ -4,7 +4,9 @@ vLLM's `check_health()` reads a flag, so it sees a dead engine and never a hung 
 stopped EngineCore leaves it answering "healthy"). The canary sends the health-check
 payload through the engine itself, under a timeout, whenever the engine has been idle or
 stuck for `canary_idle` seconds; `canary_failures` failures in a row end the worker with
-`ExitCode.UNHEALTHY`.
+`ExitCode.UNHEALTHY`. A canary that times out while the engine went on making steps met a
+slow or crowded engine (other requests ahead of it, a CPU shared with other engines), not a
+hung one: that failure is logged and not counted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from dynamo_vllm.agent.metrics import EngineGauges
 from dynamo_vllm.agent.monitor import FailureHandler
+from dynamo_vllm.agent.stall import StepTimes
 from dynamo_vllm.agent.status import WorkerStatus
 from dynamo_vllm.contract.payload import HealthPayload
 from dynamo_vllm.contract.protocol import CANARY_REQUEST_PREFIX, ExitCode, WorkerState
@@ -32,8 +35,10 @@ Generate = Callable[[Any, int, float, str], AsyncIterator[Any]]
 class Canary:
     def __init__(self, generate: Generate, status: WorkerStatus, payload: HealthPayload,
                  bos_token_id: int | None, idle: float, timeout: float, failures: int,
-                 gauges: EngineGauges, on_failure: FailureHandler):
+                 gauges: EngineGauges, on_failure: FailureHandler,
+                 steps: StepTimes | None = None):
         self.generate = generate
+        self.steps = steps
         self.status = status
         self.payload = payload
         self.prompt: Any = (payload.prompt if payload.prompt is not None
@@ -79,7 +84,12 @@ class Canary:
                 continue
             if not self.status.canary_failures and self.status.idle_for() < self.idle:
                 continue
+            stepped_before = self.steps.last_step if self.steps else None
             ok, detail = await self.probe()
+            if not ok and self.steps is not None and self.steps.last_step != stepped_before:
+                log.info("canary slow (%s) while the engine went on making steps: a busy "
+                         "engine, not a hung one; not counted", detail)
+                continue
             if ok:
                 if self.status.canary_failures:
                     log.info("canary recovered after %d failure(s): %s",
@@ -100,7 +110,7 @@ class Canary:
 
 def engine_canary(engine: Any, config: HealthSettings, payload: HealthPayload,
                   bos_token_id: int | None, status: WorkerStatus, gauges: EngineGauges,
-                  on_failure: FailureHandler) -> Canary:
+                  on_failure: FailureHandler, steps: StepTimes | None = None) -> Canary:
     """A canary that sends the payload through `engine` (vLLM's `AsyncLLM`)."""
     from vllm import SamplingParams
 
@@ -111,4 +121,4 @@ def engine_canary(engine: Any, config: HealthSettings, payload: HealthPayload,
         return stream
 
     return Canary(generate, status, payload, bos_token_id, config.canary_idle,
-                  config.canary_timeout, config.canary_failures, gauges, on_failure)
+                  config.canary_timeout, config.canary_failures, gauges, on_failure, steps)

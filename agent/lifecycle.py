@@ -53,13 +53,15 @@ class SleepController:
         self.lock = asyncio.Lock()
         self.level: int | None = None
         self.asleep_tags: set[str] = set()
+        # Asleep because nobody asked for the worker (sleep.idle_after): a request wakes it.
+        self.idle_asleep = False
 
     @property
     def sleeping(self) -> bool:
         return self.level is not None
 
     def describe(self) -> dict[str, Any]:
-        return {"is_sleeping": self.sleeping, "level": self.level,
+        return {"is_sleeping": self.sleeping, "level": self.level, "idle": self.idle_asleep,
                 "asleep_tags": sorted(self.asleep_tags),
                 "memory_release_supported": self.memory_release,
                 # What a sleep (or a stop) would wait for now.
@@ -81,9 +83,11 @@ class SleepController:
         await self.engine.pause_generation(mode="abort", clear_cache=False)
         return left
 
-    async def sleep(self, level: int) -> Reply:
+    async def sleep(self, level: int, idle: bool = False) -> Reply:
         async with self.lock:
             if self.sleeping:
+                if not idle:  # an operator's sleep now: requests no longer wake it
+                    self.idle_asleep = False
                 return ok("already sleeping", level=self.level, **self._memory(self.level))
             if not self.status.serving:
                 return error(409, f"cannot sleep: the worker is {self.status.state.value} "
@@ -110,7 +114,9 @@ class SleepController:
                                      else "roll-back failed too, see the log"))
             self.level = level
             self.asleep_tags = set(WAKE_TAGS) if level >= 1 else set()
-            self.set_state(WorkerState.SLEEPING, f"asleep (level {level})")
+            self.idle_asleep = idle
+            self.set_state(WorkerState.SLEEPING, f"asleep (level {level}" +
+                           (", idle: a request wakes it)" if idle else ")"))
             seconds = time.monotonic() - started
             log.info("asleep at level %d after %.2f s (%d request(s) aborted)", level, seconds,
                      aborted)
@@ -164,6 +170,7 @@ class SleepController:
                                   "try again")
             self.level = None
             self.asleep_tags = set()
+            self.idle_asleep = False
             self.set_state(WorkerState.SERVING, "serving")
             self.status.progressed()
             try:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from dynamo_vllm.agent.metrics import EngineGauges
+from dynamo_vllm.agent.stall import StepTimes
 from dynamo_vllm.agent.status import WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,11 @@ class LoadSink(Protocol):
 
 class EnginePublisher(StatLoggerBase):
     def __init__(self, vllm_config: Any, engine_index: int, gauges: EngineGauges,
-                 status: WorkerStatus, load: LoadSink | None = None):
+                 status: WorkerStatus, load: LoadSink | None = None,
+                 steps: StepTimes | None = None):
         self.vllm_config = vllm_config
         self.load = load
+        self.steps = steps
         self.dp_rank = engine_index
         self.gauges = gauges
         self.status = status
@@ -51,6 +54,10 @@ class EnginePublisher(StatLoggerBase):
             self.status.progressed()
         if scheduler_stats is None:
             return
+        running, waiting = int(scheduler_stats.num_running_reqs), \
+            int(scheduler_stats.num_waiting_reqs)
+        if self.steps is not None:
+            self.steps.stepped(busy=running + waiting > 0)
         if self.total_blocks is None:
             self.total_blocks = self._read_total_blocks()
         usage = float(scheduler_stats.kv_cache_usage)
@@ -60,21 +67,24 @@ class EnginePublisher(StatLoggerBase):
             self.dp_rank,
             total_blocks=self.total_blocks,
             cache_usage=usage,
-            running=int(scheduler_stats.num_running_reqs),
-            waiting=int(scheduler_stats.num_waiting_reqs),
+            running=running,
+            waiting=waiting,
         )
 
 
 class StatLoggerFactory:
     """Callable handed to `AsyncLLM(stat_loggers=[...])`; vLLM wraps it per engine."""
 
-    def __init__(self, gauges: EngineGauges, status: WorkerStatus, load: LoadSink | None = None):
+    def __init__(self, gauges: EngineGauges, status: WorkerStatus, load: LoadSink | None = None,
+                 steps: StepTimes | None = None):
         self.gauges = gauges
         self.status = status
         self.load = load
+        self.steps = steps
         self.created: dict[int, StatLoggerBase] = {}
 
     def __call__(self, vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:
-        logger = EnginePublisher(vllm_config, engine_index, self.gauges, self.status, self.load)
+        logger = EnginePublisher(vllm_config, engine_index, self.gauges, self.status, self.load,
+                                 self.steps)
         self.created[engine_index] = logger
         return logger

@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from dynamo_vllm.agent.control import ROUTES, ControlRoutes
+from dynamo_vllm.agent.idle_sleep import IdleSleep
 from dynamo_vllm.agent.lifecycle import error
 from dynamo_vllm.agent.status import WorkerStatus
 from dynamo_vllm.contract.gate import MAX_BODY
@@ -100,6 +101,7 @@ class WorkerApp:
         self.identity = identity
         self.control = control
         self.inner: ASGIApp | None = None
+        self.idle: IdleSleep | None = None
         # Requests handed to vLLM's app and not yet answered (streams until their end). A
         # request can be admitted here before vLLM's engine knows of it: sleep drains both.
         self.inflight = 0
@@ -130,12 +132,19 @@ class WorkerApp:
         if self.inner is not None and path in _ALWAYS_OPEN:
             await self.inner(scope, receive, send)
             return
+        if state is WorkerState.SLEEPING and self.idle is not None \
+                and await self.idle.wake_for_request():
+            state = self.status.state
         if self.inner is not None and state is WorkerState.SERVING:
             self.inflight += 1
+            if self.idle is not None:
+                self.idle.request_seen()
             try:
                 await self.inner(scope, receive, send)
             finally:
                 self.inflight -= 1
+                if self.idle is not None:
+                    self.idle.request_seen()
             return
         if scope["type"] != "http":
             return

@@ -16,7 +16,6 @@ import signal
 import time
 from typing import Any
 
-from dynamo_vllm.agent.canary import engine_canary
 from dynamo_vllm.agent.control import ControlRoutes
 from dynamo_vllm.agent.dynamo_member import DynamoMember, health_tokens
 from dynamo_vllm.agent.engine import (
@@ -28,10 +27,11 @@ from dynamo_vllm.agent.engine import (
     start_engine,
     start_failure_reason,
 )
+from dynamo_vllm.agent.idle_sleep import IdleSleep
 from dynamo_vllm.agent.lifecycle import SleepController
 from dynamo_vllm.agent.lora import LoraAdapters
 from dynamo_vllm.agent.metrics import EngineGauges
-from dynamo_vllm.agent.monitor import EngineErrorHook, EngineMonitor
+from dynamo_vllm.agent.monitor import EngineErrorHook
 from dynamo_vllm.agent.processes import descendants, kill_all, shutdown_engine, stop_output_handler
 from dynamo_vllm.agent.publisher import StatLoggerFactory
 from dynamo_vllm.agent.server import WorkerApp, bind_socket, make_server
@@ -44,7 +44,9 @@ from dynamo_vllm.agent.snapshot import (
     undo_capture_env,
     wait_for_checkpointer,
 )
+from dynamo_vllm.agent.stall import StepTimes
 from dynamo_vllm.agent.status import WorkerStatus
+from dynamo_vllm.agent.watchers import EngineWatchers
 from dynamo_vllm.contract.config import Config, apply_env
 from dynamo_vllm.contract.discovery import Discovery, EndpointRecord
 from dynamo_vllm.contract.discovery.backends import Backend, backend_for
@@ -54,8 +56,8 @@ from dynamo_vllm.contract.protocol import Env, ExitCode, WorkerState
 
 log = logging.getLogger(__name__)
 
-# After a hung engine's processes are killed, its front-end needs only moments to let go.
-HUNG_ENGINE_SHUTDOWN_S = 5.0
+# After a failed engine's processes are killed, its front-end needs only moments to let go.
+FAILED_ENGINE_SHUTDOWN_S = 5.0
 
 
 class Worker:
@@ -68,6 +70,7 @@ class Worker:
         self.index = index
         self.port = config.worker_port(index)
         self.status = WorkerStatus()
+        self.steps = StepTimes()
         self.exit_code: ExitCode | None = None
         self.labels = worker_labels(config)
         self.gauges = EngineGauges(self.labels)
@@ -139,16 +142,6 @@ class Worker:
             self._set_state(WorkerState.DRAINING, f"stopping on {signame}")
         self._stop.set()
 
-    def _watch(self, task: asyncio.Task[None], what: str) -> None:
-        def done(t: asyncio.Task[None]) -> None:
-            if t.cancelled() or self._stop.is_set():
-                return
-            exc = t.exception()
-            if exc is not None:
-                log.error("%s crashed: %r", what, exc, exc_info=exc)
-                self.fail(ExitCode.UNHEALTHY, f"{what} crashed: {exc!r}")
-        task.add_done_callback(done)
-
     async def run(self) -> ExitCode:
         """Serve until stopped or failed; raises EngineConfigError or PortInUse on bad input."""
         config, loop = self.config, asyncio.get_running_loop()
@@ -165,7 +158,7 @@ class Worker:
         log.info("worker %d loading %s; health at http://%s:%d/health", self.index,
                  config.model.path, config.workers.host, self.port)
 
-        factory = StatLoggerFactory(self.gauges, self.status, self.dynamo)
+        factory = StatLoggerFactory(self.gauges, self.status, self.dynamo, self.steps)
 
         def prepare_and_start() -> tuple[Any, Any, float]:
             args = serve_args(config, self.index, self.dynamo.kv_events if self.dynamo else None)
@@ -203,11 +196,13 @@ class Worker:
             # On a failure the server stays up while the engine shuts down, so /health
             # tells the supervisor "dead" or "unhealthy" instead of refusing connections.
             timeout = config.health.shutdown_timeout
-            if code is ExitCode.UNHEALTHY:
+            if code in (ExitCode.UNHEALTHY, ExitCode.ENGINE_DEAD):
                 # A hung engine cannot shut down gracefully (a stopped process does not even
-                # see SIGTERM): kill its processes first, then release the front-end.
-                await asyncio.to_thread(kill_all, descendants(), 0.5)
-                timeout = HUNG_ENGINE_SHUTDOWN_S
+                # see SIGTERM), and what is left of a dead one (its vLLM Worker processes)
+                # has nothing to finish: kill them first, then release the front-end.
+                await asyncio.to_thread(kill_all, descendants(), 0.1)
+                timeout = min(timeout, FAILED_ENGINE_SHUTDOWN_S) if timeout else \
+                    FAILED_ENGINE_SHUTDOWN_S
             await stop_output_handler(engine)
             await asyncio.to_thread(shutdown_engine, engine, timeout)
             await self._stop_server(server, serve_task, force=True)
@@ -217,7 +212,6 @@ class Worker:
                      server: Any, serve_task: asyncio.Task[None]) -> None:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.app import build_app
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         config = self.config
         # Built off the event loop, the engine starts its output handler lazily; start it
@@ -241,11 +235,13 @@ class Worker:
             self.control.engine = engine
             self.lora.engine = engine
             self.lora.models = vllm_app.state.openai_serving_models
+            def admitted() -> int:
+                return app.inflight + (self.dynamo.inflight if self.dynamo else 0)
             self.control.controller = SleepController(
                 engine, self.status, self._set_state, self.register, self.unregister,
                 inflight=config.sleep.inflight, drain_timeout=config.sleep.drain_timeout,
                 memory_release=bool(getattr(engine.model_config, "enable_sleep_mode", False)),
-                admitted=lambda: app.inflight + (self.dynamo.inflight if self.dynamo else 0))
+                admitted=admitted)
             if self.snapshot is not None and self.snapshot.at_start and self.exit_code is None:
                 await self._snapshot_at_start(engine)
             if self.exit_code is None:
@@ -257,15 +253,13 @@ class Worker:
             log.info("worker %d serving %s at http://%s:%d/v1 (engine started in %.1f s)",
                      self.index, config.served_name, config.workers.host, self.port, load_seconds)
 
-            monitor = EngineMonitor(engine, config.health.interval, config.health.check_timeout,
-                                    self.fail, (EngineDeadError,))
-            watchers = [asyncio.create_task(monitor.run(), name="engine-monitor")]
-            self._watch(watchers[0], "engine monitor")
-            if config.health.canary:
-                canary = engine_canary(engine, config.health, config.health_payload,
-                                       bos_token_id(engine), self.status, self.gauges, self.fail)
-                watchers.append(asyncio.create_task(canary.run(), name="canary"))
-                self._watch(watchers[1], "canary")
+            watchers = EngineWatchers(engine, config, self.status, self.gauges, self.steps,
+                                      self.fail, self._stop.is_set)
+            watchers.start()
+            if config.sleep.idle_after > 0:
+                app.idle = IdleSleep(self.control.controller, self.status, admitted,
+                                     config.sleep.idle_after, config.sleep.idle_level)
+                watchers.spawn(app.idle.run(), "idle sleep")
 
             stop_wait = asyncio.ensure_future(self._stop.wait())
             await asyncio.wait({stop_wait, serve_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -278,8 +272,7 @@ class Worker:
             await self.unregister()
             if self.dynamo is not None:
                 await self.dynamo.close()
-            for watcher in watchers:
-                watcher.cancel()
+            watchers.stop()
             if self.exit_code is ExitCode.STOPPED:
                 # Let requests in flight finish while vLLM's app still stands.
                 await self._stop_server(server, serve_task, force=False)

@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SECTIONS = {
     "worker": ("Worker: request-path overhead and failure detection", "worker_bench.py"),
+    "parity": ("Request path against vLLM's own server, by vLLM's benchmark client",
+               "parity_bench.py"),
+    "detection": ("Failure detection with the default health settings", "detection_bench.py"),
     "supervisor": ("Supervisor: footprint, /metrics cost, restart time", "supervisor_bench.py"),
     "sleep": ("Sleep and wake", "sleep_bench.py"),
     "checkpoint": ("Checkpoint/restore against a cold start", "checkpoint_bench.py"),

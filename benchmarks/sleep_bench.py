@@ -10,7 +10,9 @@ For each `sleep.inflight` mode (drain, abort) one worker is started. Then:
    finish_reason "abort", refused with 503). "lost" counts requests that ended any other
    way (a truncated stream without a reason): it must be 0.
 Level 0 is what the CPU engine can do (levels 1 and 2 release nothing there); levels 1
-and 2 need a GPU build of vLLM. Prints Markdown tables.
+and 2 need a GPU build of vLLM. Then wake on request: a worker with `sleep.idle_after`
+goes to sleep by itself, and a one-token completion wakes it: its latency against the same
+request on the awake worker. Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -102,6 +104,39 @@ def run_mode(model: Path, tmp: Path, mode: str, cycles: int, streams: int) -> li
         worker.cleanup()
 
 
+def wake_on_request(model: Path, tmp: Path, cycles: int) -> str:
+    """Idle sleep (sleep.idle_after = 2 s, level 1): the latency of the request that wakes
+    the worker against the same request right after, on the awake worker."""
+    port = free_port()
+    config = engine_config(model, port, discovery={"path": str(tmp / "endpoints-idle")},
+                           sleep={"idle_after": 2.0, "idle_level": 1})
+    worker = WorkerProcess(write_config(tmp / "idle.toml", config), port,
+                           tmp / "worker-idle.log", env=ENV)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 1}
+
+    def timed_completion() -> float:
+        started = time.perf_counter()
+        resp = httpx.post(worker.base + "/v1/completions", json=body, timeout=60)
+        if resp.status_code != 200:
+            raise RuntimeError(f"completion: {resp.status_code} {resp.text}")
+        return time.perf_counter() - started
+
+    try:
+        worker.wait_serving(300)
+        waking, awake = [], []
+        for _ in range(cycles):
+            wait_for(lambda: (worker.health() or (0, {}))[1].get("state") == "sleeping", 60,
+                     interval=0.05, what="asleep by itself")
+            waking.append(timed_completion())
+            awake.append(timed_completion())
+    finally:
+        worker.cleanup()
+    added = [w - a for w, a in zip(waking, awake, strict=True)]
+    return ("| first request after an idle sleep | same request, awake | added by the wake |\n"
+            "|---|---|---|\n"
+            f"| {ms(waking)} | {ms(awake)} | {ms(added)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +144,8 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--modes", default="drain,abort")
+    parser.add_argument("--idle-cycles", type=int, default=5,
+                        help="wake-on-request cycles after an idle sleep (0: skip)")
     opts = parser.parse_args()
     print(f"Machine: {machine()}\n")
     print(f"Sleep/wake at level 0, {opts.cycles} cycles each; client-side ms, median (max)\n")
@@ -119,6 +156,10 @@ def main() -> None:
             for row in run_mode(opts.model.resolve(), Path(tmp), mode, opts.cycles,
                                 opts.streams):
                 print(row, flush=True)
+        if opts.idle_cycles:
+            print(f"\nWake on request after an idle sleep, {opts.idle_cycles} cycles; a "
+                  "one-token completion, client-side ms, median (max)\n")
+            print(wake_on_request(opts.model.resolve(), Path(tmp), opts.idle_cycles))
 
 
 if __name__ == "__main__":

@@ -90,12 +90,19 @@ class HealthSection:
                                        _non_negative)
     canary: bool = _setting(True, "Send a one-token request when the engine has been idle, to "
                                   "find a hung engine.")
-    canary_idle: float = _setting(10.0, "Seconds without engine progress before a canary is sent.",
+    canary_idle: float = _setting(5.0, "Seconds without engine progress before a canary is sent.",
                                   _positive)
-    canary_timeout: float = _setting(3.0, "Seconds a canary may take before it counts as failed.",
-                                     _positive)
+    canary_timeout: float = _setting(5.0, "Seconds a canary may take before it counts as failed "
+                                          "(above stall_floor, so the stall check judges a "
+                                          "canary stuck in a hung engine first).", _positive)
     canary_failures: int = _setting(3, "Consecutive canary failures that make the worker "
                                        "unhealthy.", _positive)
+    stall_floor: float = _setting(3.0, "Seconds without an engine step, with requests in "
+                                        "flight, that never count as a hang: the least bound "
+                                        "of the stall check (0 disables it).", _non_negative)
+    stall_factor: float = _setting(20.0, "The stall check's bound is this many times the "
+                                         "engine's recent p99 step time when that is above "
+                                         "stall_floor.", _positive)
     payload: dict[str, Any] = _setting(None, "Canary request: {prompt = \"...\"} or "
                                              "{token_ids = [...]}; default: the BOS token.")
     poll_interval: float = _setting(2.0, "Seconds between the supervisor's polls of each "
@@ -147,6 +154,10 @@ def _lease_ttl(value: Any) -> str | None:
     return None if 3 <= value <= 3600 else "must be from 3 to 3600 seconds"
 
 
+def _sleep_level(value: Any) -> str | None:
+    return None if value in (0, 1, 2) else "must be 0, 1 or 2"
+
+
 def _sleep_inflight(value: Any) -> str | None:
     return None if value in ("drain", "abort") else 'must be "drain" or "abort"'
 
@@ -191,6 +202,12 @@ class SleepSection:
                              _sleep_inflight)
     drain_timeout: float = _setting(30.0, "Seconds requests in flight get before sleep aborts "
                                           "them.", _non_negative)
+    idle_after: float = _setting(0.0, "Seconds without a request after which a worker goes to "
+                                      "sleep by itself (0: never); a request that reaches it "
+                                      "asleep wakes it and is served.", _non_negative)
+    idle_level: int = _setting(1, "Sleep level of an idle sleep (0 pauses; 1 frees the weights "
+                                  "and KV cache on GPUs; the CPU engine only pauses).",
+                               _sleep_level)
 
 
 def _absolute_paths(value: Any) -> str | None:
@@ -225,10 +242,6 @@ class LoraSection:
 
 def _keep(value: Any) -> str | None:
     return None if 1 <= value <= 100 else "must be from 1 to 100"
-
-
-def _sleep_level(value: Any) -> str | None:
-    return None if value in (0, 1, 2) else "must be 0, 1 or 2"
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -13,11 +13,12 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from dynamo_vllm.contract.etcd_access import AccessError, EtcdAccess
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class EtcdError(Exception):
@@ -69,6 +70,10 @@ class EtcdGateway:
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout = timeout
         self.access = access or EtcdAccess()
+        # httpx (and what it pulls in) costs the supervisor megabytes of RSS: imported here,
+        # only by a process that talks to etcd.
+        import httpx
+
         tls = self.access.ssl_context() if self.access.ca_file or self.access.cert_file \
             else True
         self._client = httpx.AsyncClient(timeout=timeout, verify=tls)
@@ -100,6 +105,8 @@ class EtcdGateway:
         self._auth_token = str(data["token"])
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
         last: Exception | None = None
         for endpoint in self.endpoints:
             try:
@@ -170,6 +177,8 @@ class EtcdGateway:
                                                    "range_end": prefix_end(prefix)}}
         if start_revision:
             body["create_request"]["start_revision"] = start_revision
+        import httpx
+
         # The stream is idle for as long as nothing changes: no read timeout on it.
         timeout = httpx.Timeout(self.timeout, read=None)
         try:

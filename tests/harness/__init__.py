@@ -16,6 +16,7 @@ from __future__ import annotations
 from dynamo_vllm.contract.discovery.etcd_gateway import prefix_end
 from tests.harness.basics import (
     ROOT,
+    FakeClock,
     child_holding,
     closed_by_peer,
     engine_config,
@@ -32,6 +33,7 @@ __all__ = [
     "ROOT",
     "EtcdServer",
     "EtcdWatch",
+    "FakeClock",
     "NotifySocket",
     "ProcessTree",
     "SupervisorProcess",

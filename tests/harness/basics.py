@@ -77,3 +77,13 @@ def engine_config(model: Path, port: int, **sections: dict[str, Any]) -> dict[st
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(tomli_w.dumps(config))
     return path
+
+
+class FakeClock:
+    """A monotonic clock a unit test moves by hand (`clock.now += 5`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

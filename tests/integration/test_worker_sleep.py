@@ -23,6 +23,9 @@ from tests.harness import (
 
 pytestmark = pytest.mark.engine
 
+# Long enough that no test before the idle-sleep one leaves the worker that quiet.
+IDLE_AFTER_S = 8.0
+
 
 @pytest.fixture(scope="module")
 def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
@@ -30,7 +33,8 @@ def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = free_port()
     config = engine_config(tiny_model, port,
                            discovery={"path": str(tmp / "endpoints")},
-                           sleep={"inflight": "drain", "drain_timeout": 60.0})
+                           sleep={"inflight": "drain", "drain_timeout": 60.0,
+                                  "idle_after": IDLE_AFTER_S})
     # One request at a time: queued requests keep the drain going for seconds, long enough
     # to watch the order of events even on a busy 2-core machine.
     config["engine"]["max_num_seqs"] = 1
@@ -173,6 +177,34 @@ def test_still_serves_after_the_fuzz(worker: WorkerProcess) -> None:
     answer = httpx.post(worker.base + "/v1/completions", timeout=60,
                         json={"model": "tiny", "prompt": "still here", "max_tokens": 4})
     assert answer.status_code == 200, answer.text
+
+
+def test_idle_sleep_and_a_request_wakes_it(worker: WorkerProcess) -> None:
+    record: Path = worker.record  # type: ignore[attr-defined]
+
+    def state() -> str:
+        answer = worker.health()
+        return str(answer[1]["state"]) if answer else "unreachable"
+
+    quiet_from = time.monotonic()
+    wait_for(lambda: state() == "sleeping", IDLE_AFTER_S + 60, interval=0.2,
+             what="asleep by itself")
+    assert time.monotonic() - quiet_from >= IDLE_AFTER_S - 1
+    health = worker.health()
+    assert health is not None and health[1]["sleep"]["idle"] is True
+    assert not record.exists()  # out of discovery, as for every sleep
+    answer = httpx.post(worker.base + "/v1/completions", timeout=60,
+                        json={"model": "tiny", "prompt": "wake up", "max_tokens": 4})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 4
+    assert state() == "serving" and record.exists()
+    assert "woken by a request" in worker.log()
+    # An operator's sleep is not undone by a request.
+    assert post(worker, "/engine/sleep", {"level": 0}).json()["status"] == "ok"
+    refused = httpx.post(worker.base + "/v1/completions", timeout=30,
+                         json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert refused.status_code == 503
+    assert post(worker, "/engine/wake_up", {}).json()["awake"] is True
 
 
 def test_stop_removes_the_record(worker: WorkerProcess) -> None:

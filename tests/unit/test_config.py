@@ -28,7 +28,7 @@ def test_defaults_fill_in(tmp_path: Path) -> None:
     config = cfg.from_dict(minimal(tmp_path))
     assert config.workers.count == 1 and config.workers.host == "127.0.0.1"
     assert config.health.interval == 2.0 and config.health.check_timeout == 30.0
-    assert config.health.shutdown_timeout == 60.0 and config.health.canary_idle == 10.0
+    assert config.health.shutdown_timeout == 60.0 and config.health.canary_idle == 5.0
     assert config.served_name == tmp_path.name
     assert config.min_ready == 1
 
@@ -98,7 +98,7 @@ def test_env_overrides_apply_and_invalid_ones_warn(tmp_path: Path) -> None:
     assert applied.health.interval == 0.5
     assert applied.health.check_timeout == 30.0
     assert applied.health.shutdown_timeout == 0.0
-    assert applied.health.canary_idle == 10.0
+    assert applied.health.canary_idle == 5.0
     assert any("DYN_ENGINE_HEALTH_CHECK_TIMEOUT='soon' is not a number" in w
                for w in applied.warnings)
     assert any("is negative; using 0" in w for w in applied.warnings)
@@ -109,7 +109,7 @@ def test_zero_disables_health_checks_but_not_the_canary(tmp_path: Path) -> None:
     config = cfg.from_dict(minimal(tmp_path))
     applied = cfg.apply_env(config, {Env.HEALTH_CHECK_INTERVAL: "0", Env.CANARY_WAIT_TIME: "0"})
     assert applied.health.interval == 0.0
-    assert applied.health.canary_idle == 10.0
+    assert applied.health.canary_idle == 5.0
 
 
 def test_payload_from_env_inline_and_file(tmp_path: Path) -> None:

@@ -142,3 +142,34 @@ def test_canary_waits_while_not_serving() -> None:
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
     assert prompts == [] and failures == []
+
+
+def test_a_slow_canary_while_the_engine_steps_is_not_a_failure() -> None:
+    from dynamo_vllm.agent.stall import StepTimes
+
+    status = WorkerStatus(state=WorkerState.SERVING)
+    failures: list = []
+    canary, prompts = make_canary(["hang"], status, failures)
+    steps = StepTimes()
+    canary.steps = steps
+
+    async def scenario() -> None:
+        async def engine_steps() -> None:
+            while True:
+                steps.stepped(busy=True)
+                await asyncio.sleep(0.01)
+
+        stepping = asyncio.create_task(engine_steps())
+        task = asyncio.create_task(canary.run())
+        try:
+            await wait_until(lambda: len(prompts) >= 5)
+            assert status.canary_failures == 0 and failures == []
+            stepping.cancel()  # now the engine makes no step: the canary's failures count
+            await asyncio.wait_for(task, 10)
+        finally:
+            task.cancel()
+            stepping.cancel()
+            await asyncio.gather(task, stepping, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert failures and failures[0][0] is ExitCode.UNHEALTHY

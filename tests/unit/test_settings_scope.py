@@ -44,7 +44,7 @@ def test_the_worker_view_holds_exactly_the_worker_settings(tmp_path: Path) -> No
     ("metrics", "port", 9500, False),
     ("checkpoint", "keep", 5, False),
     ("logging", "level", "debug", False),
-    ("health", "canary_idle", 5.0, True),
+    ("health", "canary_idle", 7.0, True),
     ("checkpoint", "sleep_level", 2, True),
     ("workers", "drain_timeout", 5.0, True),
 ])

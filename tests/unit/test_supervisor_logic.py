@@ -14,14 +14,7 @@ from dynamo_vllm.supervisor.devices import GpuAssignmentError, assign, split_cpu
 from dynamo_vllm.supervisor.notify import Notifier, watchdog_usec
 from dynamo_vllm.supervisor.restart_policy import RestartPolicy, restart_reason
 from dynamo_vllm.supervisor.worker_process import WorkerSpec
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.harness.basics import FakeClock
 
 
 def test_backoff_doubles_with_jitter_and_caps() -> None:
@@ -39,7 +32,7 @@ def test_backoff_doubles_with_jitter_and_caps() -> None:
 
 
 def test_crash_loop_counts_only_within_the_window() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = RestartPolicy(max_restarts=3, window=60.0, clock=clock)
     for _ in range(3):
         policy.record_failure()
