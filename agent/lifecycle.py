@@ -21,6 +21,8 @@ from dynamo_vllm.contract.protocol import WorkerState
 log = logging.getLogger(__name__)
 
 SLEEP_LEVELS = (0, 1, 2)
+# How long a sleep waits for requests admitted before it to reach the engine (and aborts them).
+LATE_ARRIVALS_S = 1.0
 WAKE_TAGS = ("weights", "kv_cache")
 
 Reply = tuple[int, dict[str, Any]]
@@ -81,7 +83,20 @@ class SleepController:
         left = self._in_flight()
         # Aborted requests end with finish_reason "abort": an explicit error, never silence.
         await self.engine.pause_generation(mode="abort", clear_cache=False)
+        await self._abort_late_arrivals()
         return left
+
+    async def _abort_late_arrivals(self) -> None:
+        """A request the HTTP front admitted just before the sleep can reach the engine
+        after the pause, where it would wait, frozen, until the wake (found by the sleep
+        benchmark in abort mode: one stream in twenty hung 120 s). Abort those too."""
+        deadline = time.monotonic() + LATE_ARRIVALS_S
+        while self.admitted() and time.monotonic() < deadline:
+            processor = getattr(self.engine, "output_processor", None)
+            late = list(getattr(processor, "request_states", {}))
+            if late:
+                await self.engine.abort(late)
+            await asyncio.sleep(0.02)
 
     async def sleep(self, level: int, idle: bool = False) -> Reply:
         async with self.lock:
@@ -99,6 +114,9 @@ class SleepController:
                 return error(503, f"cannot sleep: unregistering from discovery failed: {exc}; "
                                   "still serving")
             unregistered = time.monotonic() - started
+            # Marked before the drain: a request that comes while an idle sleep is under way
+            # waits for it on the lock and then wakes the worker, instead of a 503.
+            self.idle_asleep = idle
             self.set_state(WorkerState.SLEEPING, f"going to sleep (level {level})")
             aborted = 0
             try:
@@ -108,6 +126,7 @@ class SleepController:
                     await self.engine.sleep(level, mode="abort")
             except Exception as exc:
                 log.exception("sleep (level %d) failed; rolling back", level)
+                self.idle_asleep = False
                 rolled_back = await self._roll_back(level)
                 return error(500, f"sleep failed: {type(exc).__name__}: {exc}; "
                                   + ("rolled back, still serving" if rolled_back

@@ -89,3 +89,25 @@ def test_a_request_wakes_an_idle_sleep_but_not_an_operators() -> None:
         assert not await idle.wake_for_request()
 
     asyncio.run(main())
+
+
+def test_a_request_during_an_idle_sleep_waits_and_wakes_the_worker() -> None:
+    """Found by the sleep benchmark: a request that came while the idle sleep drained got a
+    503 ("going to sleep") instead of waking the worker."""
+    async def main() -> None:
+        idle, controller, status, _ = setup([0])
+        engine = controller.engine
+        original_pause = engine.pause_generation
+
+        async def slow_pause(**kwargs: Any) -> None:
+            await asyncio.sleep(0.2)
+            await original_pause(**kwargs)
+
+        engine.pause_generation = slow_pause
+        sleeping = asyncio.create_task(controller.sleep(0, idle=True))
+        await asyncio.sleep(0.05)
+        assert status.state is WorkerState.SLEEPING and controller.level is None
+        assert await idle.wake_for_request()
+        assert status.serving and (await sleeping)[0] == 200
+
+    asyncio.run(main())
