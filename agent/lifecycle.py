@@ -133,7 +133,6 @@ class SleepController:
                                      else "roll-back failed too, see the log"))
             self.level = level
             self.asleep_tags = set(WAKE_TAGS) if level >= 1 else set()
-            self.idle_asleep = idle
             self.set_state(WorkerState.SLEEPING, f"asleep (level {level}" +
                            (", idle: a request wakes it)" if idle else ")"))
             seconds = time.monotonic() - started
