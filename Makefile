@@ -71,8 +71,9 @@ unit: setup
 integration: setup
 	$(BIN)/pytest -q tests/integration
 
+# Two pytest processes side by side (scripts/run-tests says which tests go where and why).
 test: lint typecheck
-	$(BIN)/pytest -q -rs --durations=25
+	PYTEST=$(BIN)/pytest scripts/run-tests
 
 bench: setup $(TINY_MODEL)/config.json
 	$(BIN)/python -m benchmarks.run_all --model $(TINY_MODEL)
