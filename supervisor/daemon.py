@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomli_w
 from prometheus_client import CollectorRegistry
@@ -28,8 +29,6 @@ from dynamo_vllm.contract.discovery.etcd import EtcdDiscovery
 from dynamo_vllm.contract.engine_venv import engine_python
 from dynamo_vllm.contract.labels import worker_labels
 from dynamo_vllm.contract.protocol import ExitCode, Route
-from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
-from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
 from dynamo_vllm.supervisor.control_token import open_token, with_default_token
 from dynamo_vllm.supervisor.devices import assign, detect_gpus, split_cpus
 from dynamo_vllm.supervisor.frontend import FrontendChild, frontend_args_problem
@@ -42,8 +41,8 @@ from dynamo_vllm.supervisor.metrics import (
     GpuCollector,
     GuardedCollectors,
     NodeCollector,
+    Scrape,
     SupervisorMetrics,
-    WorkerFilesCollector,
 )
 from dynamo_vllm.supervisor.notify import Notifier
 from dynamo_vllm.supervisor.phases import Phase, RestartReason
@@ -56,7 +55,11 @@ from dynamo_vllm.supervisor.startup import StartupError, port_free
 from dynamo_vllm.supervisor.supervision import supervise
 from dynamo_vllm.supervisor.tasks import observed
 from dynamo_vllm.supervisor.worker_process import WorkerSpec
+from dynamo_vllm.supervisor.worker_series import WorkerSeries
 from dynamo_vllm.supervisor.workers import DISPLAY_STATES, WorkerHandle
+
+if TYPE_CHECKING:
+    from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +98,7 @@ class Supervisor:
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry, DISPLAY_STATES)
         collectors: dict[str, Callable[[], Iterable[Metric]]] = {
-            "node": NodeCollector().collect,
-            "workers": WorkerFilesCollector(
-                self._metrics_dirs, lambda: worker_labels(self.config, warn=False)).collect}
+            "node": NodeCollector().collect}
         gpus = GpuCollector()
         if gpus.present:  # no GPU: no GPU series and no errors
             collectors["gpu"] = gpus.collect
@@ -107,11 +108,16 @@ class Supervisor:
             collectors["frontend"] = FrontendCollector(self.frontend, lambda: (
                 f"http://{self.config.frontend.host}:{self.config.frontend.port}/metrics"
             )).collect
-        self.registry.register(GuardedCollectors(collectors))
+        guarded = GuardedCollectors(collectors, outside=["workers"])
+        self.registry.register(guarded)
+        self.scrape = Scrape(self.registry, guarded, WorkerSeries(
+            self._metrics_dirs, lambda: worker_labels(self.config, warn=False)).render)
         self.server: StatusServer | None = None
         self._target_publisher: EtcdDiscovery | None = None
         self.chrek: CheckpointCoordinator | None = None
         if config.checkpoint.enabled:
+            # Imported here: CRIU's side costs a supervisor without checkpoints ~2 MiB RSS.
+            from dynamo_vllm.supervisor.checkpoint.coordinator import CheckpointCoordinator
             self.chrek = CheckpointCoordinator(config, runtime_dir, self.instance,
                                                CheckpointMetrics(self.registry))
         self._zombies: set[int] = set()
@@ -196,7 +202,7 @@ class Supervisor:
         specs = self.specs(self.config)
         if self.chrek is not None:
             # Before the port check: a worker left waiting for a checkpoint holds its port.
-            await self.chrek.prepare(specs, await asyncio.to_thread(gpu_names))
+            await self.chrek.prepare(specs, await asyncio.to_thread(self.chrek.gpu_names))
         self._check_ports(specs)
         if self.frontend is not None:
             problem = await asyncio.to_thread(frontend_args_problem, self.config,
@@ -205,7 +211,7 @@ class Supervisor:
                 raise StartupError(problem)
         try:
             self.server = StatusServer(self.config.metrics.host, self.config.metrics.port,
-                                       self.registry, lambda: self._snapshot, Routes(self),
+                                       self.scrape, lambda: self._snapshot, Routes(self),
                                        loop, self.config.checkpoint.timeout + 60,
                                        self.config.workers.control_from_network,
                                        open_token(self.config, self.runtime_dir, self.account))

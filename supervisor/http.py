@@ -9,9 +9,9 @@ the cap the oldest connection that has not sent a whole request is closed to mak
 2,000 idle connections neither exhaust the supervisor's file descriptors nor keep
 Prometheus or the CLI out.
 
-This module is the transport only: /metrics, /status, /healthz and /openapi.json read the
-registry and a status snapshot the main loop replaces whole on every tick; every other route
-is a handler of `supervisor.handlers`, run on the main loop through
+This module is the transport only: /metrics renders `scrape` (metrics.Scrape), /status,
+/healthz and /openapi.json read a status snapshot the main loop replaces whole on every
+tick; every other route is a handler of `supervisor.handlers`, run on the main loop through
 `run_coroutine_threadsafe` (the one way into the loop). The POST routes pass the gate first
 (`contract.gate`: the socket's peer on loopback unless `workers.control_from_network`, the
 bearer token). Loopback by default.
@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from dynamo_vllm.contract.gate import (
     MAX_BODY,
@@ -92,11 +92,11 @@ class Request:
 
 
 class StatusServer:
-    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+    def __init__(self, host: str, port: int, scrape: Callable[[], bytes],
                  snapshot: Callable[[], dict[str, Any]], routes: Routes,
                  loop: asyncio.AbstractEventLoop, control_timeout: float = 60.0,
                  control_from_network: bool = False, token: TokenFile | None = None):
-        self.registry = registry
+        self.scrape = scrape
         self.token = token
         self.routes = routes
         self.loop = loop
@@ -109,7 +109,7 @@ class StatusServer:
             dualstack_ipv6=host == "::", backlog=1024)
         self.sock.setblocking(False)
         self.own_loop = asyncio.new_event_loop()
-        # generate_latest runs here, off both loops: a scrape of many workers takes a while.
+        # Scrapes render here, off both loops: one of many busy workers takes a while.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2,
                                                           thread_name_prefix="status-scrape")
         # Connections that have not sent a whole request yet, oldest first (dicts keep order).
@@ -265,8 +265,7 @@ class StatusServer:
             return _json(500, {"error": f"{type(exc).__name__}: {exc}"})
 
     async def _metrics(self, request: Request) -> Answer:
-        text = await asyncio.get_running_loop().run_in_executor(self.pool, generate_latest,
-                                                                self.registry)
+        text = await asyncio.get_running_loop().run_in_executor(self.pool, self.scrape)
         accepted = {part.split(";")[0].strip().lower()
                     for part in request.headers.get("accept-encoding", "").split(",")}
         if "gzip" in accepted and len(text) >= GZIP_MIN:

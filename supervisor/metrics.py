@@ -2,28 +2,26 @@
 
 The supervisor never sets `PROMETHEUS_MULTIPROC_DIR` for itself: its own metrics live in
 an ordinary registry. Each worker writes to its own directory (fresh for each life); the
-`WorkerFilesCollector` merges each directory, adds a `worker` label and joins families of
-the same name, so the exposition has no duplicate series. A worker life's directory is
-removed when it ends, so its series vanish with it.
+`WorkerSeries` (worker_series.py) renders them, and `Scrape` puts the body together: the
+registry's families, then the workers'. A worker life's directory is removed when it ends,
+so its series vanish with it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from dynamo_vllm.contract.protocol import Label
 from dynamo_vllm.supervisor.checkpoint.results import RESTORE_COUNTED, CheckpointResult
 
 log = logging.getLogger(__name__)
@@ -39,14 +37,32 @@ class GuardedCollectors(Collector):
     (`dynamo_agent_collector_errors_total`), as node_exporter does.
     """
 
-    def __init__(self, collectors: Mapping[str, Callable[[], Iterable[Metric]]]):
+    def __init__(self, collectors: Mapping[str, Callable[[], Iterable[Metric]]],
+                 outside: Iterable[str] = ()):
         self.collectors = dict(collectors)
-        self.errors = {name: 0 for name in collectors}
+        # Parts of the scrape rendered outside the registry (`guard`), with their last result.
+        self.outside = dict.fromkeys(outside, True)
+        self.errors = {name: 0 for name in [*collectors, *self.outside]}
+
+    def guard(self, name: str, produce: Callable[[], bytes]) -> bytes:
+        """Runs a part of the scrape that is rendered outside the registry under the same
+        rule: a failure costs its own series, is logged and counted."""
+        try:
+            text = produce()
+        except Exception as exc:  # a broken collector must never break the scrape
+            log.warning("collector %s failed: %s", name, exc)
+            self.errors[name] += 1
+            self.outside[name] = False
+            return b""
+        self.outside[name] = True
+        return text
 
     def collect(self) -> Iterator[Metric]:
         success = GaugeMetricFamily(f"{PREFIX}_scrape_collector_success",
                                     "1 if the collector worked in this scrape.",
                                     labels=["collector"])
+        for name, worked in self.outside.items():
+            success.add_metric([name], 1 if worked else 0)
         for name, collect in self.collectors.items():
             try:
                 metrics = list(collect())
@@ -63,6 +79,24 @@ class GuardedCollectors(Collector):
             errors.add_metric([name], count)
         yield success
         yield errors
+
+
+class Scrape:
+    """One /metrics body: the registry's families, then the workers' text (`workers`, a
+    WorkerSeries' render), whose success this very scrape reports as a collector's."""
+
+    def __init__(self, registry: CollectorRegistry, guarded: GuardedCollectors,
+                 workers: Callable[[], bytes]):
+        self.registry = registry
+        self.guarded = guarded
+        self.workers = workers
+        # Scrapes run in a small pool: one at a time, so the success reported is this one's.
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bytes:
+        with self._lock:
+            workers = self.guarded.guard("workers", self.workers)
+            return generate_latest(self.registry) + workers
 
 
 class NodeCollector:
@@ -147,40 +181,6 @@ class GpuCollector:
                                                                    nv.NVML_TEMPERATURE_GPU)))
             power.add_metric(key, nv.nvmlDeviceGetPowerUsage(handle) / 1000.0)
         return [util, used, total, temp, power]
-
-
-class WorkerFilesCollector:
-    """Every live worker's `vllm:*` and `dynamo_component_*` series, labelled `worker` and
-    with the workers' labels (`labels()`: Dynamo's hierarchy and the operator's) where a
-    series lacks them, as vLLM's own do."""
-
-    def __init__(self, directories: Callable[[], dict[str, str]],
-                 labels: Callable[[], dict[str, str]] = dict):
-        self.directories = directories
-        self.labels = labels
-
-    def collect(self) -> list[Metric]:
-        families: dict[str, Metric] = {}
-        common = self.labels()
-        for worker, directory in sorted(self.directories().items()):
-            files = glob.glob(os.path.join(directory, "*.db"))
-            if not files:
-                continue
-            try:
-                merged = MultiProcessCollector.merge(files, accumulate=True)
-            except FileNotFoundError:
-                # The life ended (or its directory was removed) between the listing and the
-                # read: its series are missing from this one scrape, not the others'.
-                continue
-            for metric in merged:
-                family = families.get(metric.name)
-                if family is None:
-                    family = Metric(metric.name, metric.documentation, metric.type, metric.unit)
-                    families[metric.name] = family
-                for sample in metric.samples:
-                    labels = {**common, **sample.labels, Label.WORKER: worker}
-                    family.samples.append(sample._replace(labels=labels))
-        return list(families.values())
 
 
 class SupervisorMetrics:

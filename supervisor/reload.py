@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from dynamo_vllm.contract import config as config_module
 from dynamo_vllm.contract.config import worker_view
-from dynamo_vllm.supervisor.checkpoint.identity import gpu_names
 from dynamo_vllm.supervisor.control_token import with_default_token
 from dynamo_vllm.supervisor.restart_only import restart_only_changes
 from dynamo_vllm.supervisor.startup import StartupError
@@ -98,7 +97,7 @@ async def _apply(supervisor: Supervisor) -> bool | None:
     specs = supervisor.specs(new)
     chrek = supervisor.chrek
     if chrek is not None:
-        names = await asyncio.to_thread(gpu_names)
+        names = await asyncio.to_thread(chrek.gpu_names)
         old, chrek.config = chrek.config, new
         try:
             for spec in specs:

@@ -12,10 +12,9 @@ checkpoint is wanted: checkpoints are on and work here, `checkpoint.auto` (or an
 request) and none is stored for its hash. The dump ends the worker (Dynamo's newest contract
 kills the source too), and the supervisor restores it at once from what it just stored: the
 image is proven before anyone relies on it, and CRIU's link-remap files (deleted files the
-tree still uses) exist only after a dump that ends the tree. Every later start of that
-worker restores the image instead of starting cold. A restored tree is re-parented to the
-supervisor (a child subreaper), so it is supervised like any worker. A failed dump leaves
-the worker running: it is told to serve, cold.
+tree still uses) exist only after a dump that ends the tree. Later starts of that worker
+restore the image. A restored tree is re-parented to the supervisor (a child subreaper), so
+it is supervised like any worker. A failed dump leaves the worker serving, cold.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from dynamo_vllm.supervisor.checkpoint.identity import (
     accelerator,
     checkpoint_hash,
     engine_version,
+    gpu_names,
     identity,
 )
 from dynamo_vllm.supervisor.checkpoint.leftovers import end_left_waiting
@@ -66,6 +66,8 @@ CONTEXT_ENV = (Env.SUPERVISOR_PID, Env.INSTANCE, Env.DISCOVERY_DIR, Env.ETCD_END
 
 
 class CheckpointCoordinator:
+    gpu_names = staticmethod(gpu_names)  # callers need not import this package for it
+
     def __init__(self, config: Config, runtime_dir: Path, instance: str,
                  metrics: CheckpointMetrics, checkpointer: Checkpointer | None = None):
         self.config = config

@@ -10,11 +10,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from dynamo_vllm.contract.gate import TokenFile
 from dynamo_vllm.supervisor import http as http_module
@@ -34,8 +35,8 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[StatusServer]:
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
     loop_thread.start()
-    status = StatusServer("127.0.0.1", 0, registry, lambda: {"ready": True, "status": "ok"},
-                          None, loop)  # type: ignore[arg-type]
+    status = StatusServer("127.0.0.1", 0, partial(generate_latest, registry),
+                          lambda: {"ready": True, "status": "ok"}, None, loop)  # type: ignore[arg-type]
     status.start()
     yield status
     status.stop()
@@ -101,8 +102,8 @@ def test_metrics_are_gzipped_when_asked(server: StatusServer) -> None:
 
 def test_an_ipv6_wildcard_listener_answers_on_both_families() -> None:
     loop = asyncio.new_event_loop()
-    status = StatusServer("::", 0, CollectorRegistry(), lambda: {"ready": True}, None,
-                          loop)  # type: ignore[arg-type]
+    status = StatusServer("::", 0, partial(generate_latest, CollectorRegistry()),
+                          lambda: {"ready": True}, None, loop)  # type: ignore[arg-type]
     status.start()
     try:
         for host in ("127.0.0.1", "[::1]"):
@@ -121,8 +122,8 @@ def test_status_and_endpoints_need_the_token_from_the_network(tmp_path: Path) ->
     token.write_text("a-token-of-sixteen-chars\n")
     token.chmod(0o600)
     loop = asyncio.new_event_loop()
-    status = StatusServer("127.0.0.1", 0, CollectorRegistry(), lambda: {"ready": True}, None,
-                          loop, token=TokenFile(str(token)))  # type: ignore[arg-type]
+    status = StatusServer("127.0.0.1", 0, partial(generate_latest, CollectorRegistry()),
+                          lambda: {"ready": True}, None, loop, token=TokenFile(str(token)))  # type: ignore[arg-type]
 
     def code(path: str, peer: str, auth: str = "") -> int:
         head = f"GET {path} HTTP/1.1\r\n" + (f"Authorization: Bearer {auth}\r\n" if auth else "")
