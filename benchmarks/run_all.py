@@ -36,6 +36,8 @@ SECTIONS = {
                "system_bench.py"),
     "dynamo": ("Dynamo's frontend in front of the workers", "dynamo_bench.py"),
     "fleet": ("A fleet of two nodes on one etcd: an etcd outage", "fleet_bench.py"),
+    "start": ("Start to ready, cold, against vLLM's own server", "start_bench.py"),
+    "reload": ("A rolling reload under load through the frontend", "reload_bench.py"),
 }
 
 

@@ -119,7 +119,9 @@ class EtcdGateway:
                     await self._authenticate(endpoint)  # the token expired: once more
                     resp = await self._client.post(endpoint + path, json=body,
                                                    headers=self._headers())
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, OSError) as exc:
+                # OSError: a TLS alert (a client certificate refused) that arrives after the
+                # handshake, at the first read, is an ssl.SSLError httpx does not wrap.
                 last = exc
                 continue
             try:
@@ -200,7 +202,7 @@ class EtcdGateway:
                         yield WatchEvent(event.get("type", "PUT"), _unb64(kv["key"]).decode(),
                                          _unb64(kv.get("value", "")),
                                          int(kv.get("mod_revision", 0)))
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, OSError) as exc:
             raise EtcdError(f"watch: {exc}", unreachable=True) from exc
 
 

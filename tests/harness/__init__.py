@@ -27,7 +27,7 @@ from tests.harness.basics import (
 from tests.harness.etcd import EtcdServer, EtcdWatch, b64, low_free_port
 from tests.harness.fuzz import fuzz_openapi
 from tests.harness.processes import NotifySocket, ProcessTree, SupervisorProcess, WorkerProcess
-from tests.harness.streams import sse_data, stream_completion
+from tests.harness.streams import SteadyStreams, sse_data, stream_completion
 
 __all__ = [
     "ROOT",
@@ -36,6 +36,7 @@ __all__ = [
     "FakeClock",
     "NotifySocket",
     "ProcessTree",
+    "SteadyStreams",
     "SupervisorProcess",
     "WorkerProcess",
     "b64",

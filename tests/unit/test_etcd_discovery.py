@@ -116,3 +116,30 @@ def test_unregister_with_etcd_down_abandons_the_lease() -> None:
 
     asyncio.run(scenario())
     assert errors == ["unregister"]
+
+
+def test_a_tls_alert_after_the_handshake_is_etcd_unreachable() -> None:
+    """etcd refusing a missing client certificate answers with a TLS alert at the first read
+    under TLS 1.3, a raw ssl.SSLError httpx does not wrap: it must read as etcd unreachable
+    (a 503 on /sd), never escape as an unexpected error (a 500; seen in CI)."""
+    import ssl
+
+    import httpx
+    import pytest
+
+    from dynamo_vllm.contract.discovery.etcd_gateway import EtcdGateway
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise ssl.SSLError(1, "[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate")
+
+    async def call() -> None:
+        gateway = EtcdGateway(["https://127.0.0.1:1"])
+        gateway._client = httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+        try:
+            await gateway.grant(10)
+        finally:
+            await gateway.close()
+
+    with pytest.raises(EtcdError, match="etcd unreachable.*BAD_CERTIFICATE") as raised:
+        asyncio.run(call())
+    assert raised.value.unreachable
