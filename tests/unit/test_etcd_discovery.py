@@ -140,6 +140,6 @@ def test_a_tls_alert_after_the_handshake_is_etcd_unreachable() -> None:
         finally:
             await gateway.close()
 
-    with pytest.raises(EtcdError, match="etcd unreachable.*BAD_CERTIFICATE") as raised:
+    with pytest.raises(EtcdError, match=r"etcd unreachable.*BAD_CERTIFICATE") as raised:
         asyncio.run(call())
     assert raised.value.unreachable
