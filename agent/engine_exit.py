@@ -117,6 +117,7 @@ class EngineExitWatch:
             await asyncio.sleep(WORKER_POLL_S)
             for proc in self.workers:
                 if _gone(proc):
+                    self._poll = None  # this very task, which ends here: not to be cancelled
                     self.stop()
                     self.on_exit(ExitCode.ENGINE_DEAD,
                                  f"engine dead: its vLLM Worker process (pid {proc.pid}) ended")
@@ -134,9 +135,6 @@ class EngineExitWatch:
             for fd in self._fds:
                 self._loop.remove_reader(fd)
         self._fds = []
-        current = None
-        with contextlib.suppress(RuntimeError):  # no loop running
-            current = asyncio.current_task()
-        if self._poll is not None and self._poll is not current:
+        if self._poll is not None:
             self._poll.cancel()
         self._poll = None

@@ -37,7 +37,8 @@ class IdleSleep:
         self.wakes = 0
 
     def request_seen(self) -> None:
-        """A request was admitted or ended (the worker's HTTP front calls this)."""
+        """A request ended (the worker's HTTP front calls this; while any is admitted,
+        `due` keeps the clock at now)."""
         self.last_request = self.clock()
 
     def due(self) -> bool:

@@ -137,8 +137,6 @@ class WorkerApp:
             state = self.status.state
         if self.inner is not None and state is WorkerState.SERVING:
             self.inflight += 1
-            if self.idle is not None:
-                self.idle.request_seen()
             try:
                 await self.inner(scope, receive, send)
             finally:

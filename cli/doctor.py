@@ -21,6 +21,7 @@ import click
 
 from dynamo_vllm.cli.common import config_path_for, local_host, request, supervisor_url
 from dynamo_vllm.contract import config as config_module
+from dynamo_vllm.supervisor.privilege import WorkerAccount
 
 SERVICE_USER = "dynamo-vllm"
 STATE_DIR = Path("/var/lib/dynamo-vllm")
@@ -34,11 +35,11 @@ class Check:
 
 
 def _as_service(argv: list[str], user: str | None, timeout: float) -> subprocess.CompletedProcess:
-    """Run `argv` as the service user (when doctor is root and it exists)."""
+    """Run `argv` as the service user (when doctor is root and it exists), dropped exactly
+    as the supervisor drops its workers."""
     if user is not None:
         entry = pwd.getpwnam(user)
-        argv = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
-                "--init-groups", "--no-new-privs", "--", *argv]
+        argv = [*WorkerAccount(user, entry.pw_uid, entry.pw_gid).command_prefix(), *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 

@@ -9,14 +9,13 @@ file again whenever it changes (`contract.gate.TokenFile`), follow.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
 from dataclasses import replace
 from pathlib import Path
 
 from dynamo_vllm.contract.config import Config
 from dynamo_vllm.contract.gate import TokenError, TokenFile, load_token
+from dynamo_vllm.contract.markers import write_marker
 from dynamo_vllm.supervisor.privilege import WorkerAccount
 from dynamo_vllm.supervisor.startup import StartupError
 
@@ -33,15 +32,8 @@ def with_default_token(config: Config, runtime_dir: Path) -> Config:
 
 def write_fresh_token(path: Path) -> None:
     """A new random token at `path`, written whole (a reader never sees half of it) and
-    private from its first byte."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
-    os.replace(tmp, path)
+    private from its first byte: as a marker is."""
+    write_marker(path.parent, path.name, (secrets.token_urlsafe(32) + "\n").encode())
 
 
 def open_token(config: Config, runtime_dir: Path, account: WorkerAccount | None) -> TokenFile:

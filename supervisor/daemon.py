@@ -290,9 +290,7 @@ class Supervisor:
         text = status_text(self.handles, now, event)
         if self.frontend is not None:
             text += f"; frontend {self.frontend.state}"
-        if self.reloads.restart_pending:
-            text += "; restart to apply " + ", ".join(self.reloads.restart_pending)
-        return text
+        return text + self.reloads.pending_text()
 
     def _tick(self) -> None:
         now = time.monotonic()

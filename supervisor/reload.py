@@ -46,6 +46,12 @@ class ReloadRecord:
         return {"started": self.started, "finished": self.finished, "outcome": self.outcome,
                 "restart_pending": list(self.restart_pending)}
 
+    def pending_text(self) -> str:
+        """The end of STATUS= and of a reload's outcome while settings wait for a restart."""
+        if not self.restart_pending:
+            return ""
+        return "; restart to apply " + ", ".join(self.restart_pending)
+
 
 async def reload(supervisor: Supervisor) -> None:
     """SIGHUP: apply the config file again. Ends with READY=1 and a STATUS= that says
@@ -84,8 +90,7 @@ async def _reload(supervisor: Supervisor) -> str:
     for key, why in pending:
         log.warning("reload: %s changed, not applied: a restart applies it (%s)", key, why)
     supervisor.notifier.ready(supervisor.status_line(time.monotonic()))
-    done = "done" + (" (workers rolled)" if rolled else "") + \
-        (f"; restart to apply {', '.join(k for k, _ in pending)}" if pending else "")
+    done = "done" + (" (workers rolled)" if rolled else "") + supervisor.reloads.pending_text()
     log.info("reload %s", done)
     return done
 
