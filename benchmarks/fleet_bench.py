@@ -1,12 +1,15 @@
-"""A fleet of two nodes on one etcd, each with its own frontend: what an etcd outage does.
+"""A fleet of two nodes on one etcd, each with its own frontend: an etcd outage, a partition.
 
     python -m benchmarks.fleet_bench --model .tiny-model [--outage 30]
 
 Two supervisors (one worker each, [dynamo] on etcd, [frontend] on) share a real etcd. A
-client sends a completion every 0.25 s through node A's frontend. The experiment:
+client sends a completion every 0.25 s through node A's frontend, another through node B's.
+The experiment:
 
 1. steady state: requests succeed, node A's frontend lists both nodes' workers;
-2. etcd stopped (SIGSTOP: a hung etcd, connections stay open) for `--outage` seconds, then
+2. node B alone cut off from etcd for `--outage` seconds (its way to etcd is a relay that
+   stops relaying without closing anything, as a network that drops packets), then healed;
+   etcd stopped (SIGSTOP: a hung etcd, connections stay open) for `--outage` seconds, then
    resumed; then killed outright and restarted from its data directory;
 3. for each phase: requests sent, failed, the longest run of failures, the workers node A's
    frontend lists, and the units' readiness.
@@ -34,6 +37,7 @@ import httpx
 from benchmarks.worker_bench import ENV, machine
 from tests.harness import EtcdServer, SupervisorProcess, write_config
 from tests.harness.dynamo import dynamo_node
+from tests.harness.partition import CuttableRelay
 
 
 class Prober:
@@ -105,9 +109,11 @@ def main() -> None:
         nodes: list[SupervisorProcess] = []
         fronts: list[str] = []
         try:
-            for node in ("node-a", "node-b"):
+            # Node B reaches etcd through a relay that can be cut: a partition of B alone.
+            relay = CuttableRelay("127.0.0.1", etcd.client_port)
+            for node, etcd_url in (("node-a", etcd.url), ("node-b", relay.url)):
                 (tmp / node).mkdir()
-                spec = dynamo_node(model, etcd_url=etcd.url, frontend_router="round-robin",
+                spec = dynamo_node(model, etcd_url=etcd_url, frontend_router="round-robin",
                                    workers={"count": 1}, health={"canary_idle": 60.0})
                 nodes.append(SupervisorProcess(
                     write_config(tmp / node / f"{node}.toml", spec.config), tmp / node,
@@ -131,15 +137,21 @@ def main() -> None:
                        f"{became_ready.get(i, float('nan')) - serving.get(i, float('nan')):.1f}"]
                       for i in range(len(nodes))]
             rows: list[list[Any]] = []
-            with Prober(fronts[0]) as probe:
+            with Prober(fronts[0]) as probe, Prober(fronts[1]) as probe_b:
                 def phase(name: str, seconds: float) -> None:
                     start = time.monotonic()
                     time.sleep(seconds)
                     sent, failed, longest = probe.between(start, time.monotonic())
+                    sent_b, failed_b, _ = probe_b.between(start, time.monotonic())
                     rows.append([name, f"{seconds:.0f}", sent, failed, f"{longest:.1f}",
-                                 listed(fronts[0]), " / ".join(ready(n) for n in nodes)])
+                                 f"{failed_b} of {sent_b}", listed(fronts[0]),
+                                 " / ".join(ready(n) for n in nodes)])
 
                 phase("steady", 10)
+                relay.cut()
+                phase("node B cut off from etcd", opts.outage)
+                relay.heal()
+                phase("node B's way to etcd back", 30)
                 assert etcd.proc is not None
                 etcd.proc.send_signal(signal.SIGSTOP)
                 phase("etcd hung (SIGSTOP)", opts.outage)
@@ -156,15 +168,16 @@ def main() -> None:
             print("|---|---|---|---|")
             for row in starts:
                 print("| " + " | ".join(row) + " |")
-            print("\n### An etcd outage\n")
-            print("| phase | s | requests | failed | longest failure run (s) | workers node A's "
-                  "frontend lists | readiness (A / B) |")
-            print("|---|---|---|---|---|---|---|")
+            print("\n### An etcd outage, and node B partitioned from etcd\n")
+            print("| phase | s | requests (A) | failed (A) | longest failure run (A, s) | failed "
+                  "through B's frontend | workers node A's frontend lists | readiness (A / B) |")
+            print("|---|---|---|---|---|---|---|---|")
             for row in rows:
                 print("| " + " | ".join(str(c) for c in row) + " |")
         finally:
             for node in nodes:
                 node.cleanup()
+            relay.close()
             etcd.stop()
 
 

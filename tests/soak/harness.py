@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import psutil
 
+from dynamo_vllm.supervisor.shm import shm_files, tree_pids
 from tests.harness import (
     EtcdServer,
     SupervisorProcess,
@@ -103,6 +104,9 @@ class Soak:
         self.supervisor: SupervisorProcess | None = None
         self.load: Load | None = None
         self.shm_before: set[str] = set()
+        # /dev/shm names this soak's processes were seen to hold: other tests' engines may
+        # write there at the same time (scripts/run-tests), and their files are not ours.
+        self.shm_ours: set[str] = set()
         self.whole_since: float | None = None
         self._http: httpx.Client | None = None
 
@@ -158,6 +162,7 @@ class Soak:
             if self._observer is not None:
                 self._observer.join(10)
             self.supervisor.remember_children()
+            self.note_shm()
             self.supervisor.proc.terminate()
             try:
                 code = self.supervisor.proc.wait(120)
@@ -170,7 +175,7 @@ class Soak:
             if left:
                 self.violations.append(f"processes left after the supervisor stopped: {left}")
             self.supervisor.cleanup()
-        leaked = sorted(set(os.listdir("/dev/shm")) - self.shm_before)
+        leaked = sorted(self.shm_new())
         if leaked:
             self.violations.append(f"/dev/shm files left: {leaked[:5]} ({len(leaked)})")
         with contextlib.suppress(Exception):
@@ -191,6 +196,8 @@ class Soak:
                 except (httpx.HTTPError, ValueError, KeyError):
                     workers = None
                 self.supervisor.remember_children()
+                if len(self.samples) % 4 == 0:
+                    self.note_shm()
                 self.samples.append((now, workers))
                 if workers is not None:
                     self._latest = workers
@@ -264,10 +271,21 @@ class Soak:
             match = re.search(r"_(\d+)\.db$", path.name)
             if match and not psutil.pid_exists(int(match.group(1))):
                 dead += 1
-        shm = len(set(os.listdir("/dev/shm")) - self.shm_before)
+        self.note_shm()
+        shm = len(self.shm_new())
         return Resources(fds=supervisor.num_fds(), rss=supervisor.memory_info().rss,
                          metric_files=len(files), dead_metric_files=dead, shm=shm,
                          descendants=len(supervisor.children(recursive=True)))
+
+    def note_shm(self) -> None:
+        """Remember the /dev/shm files the supervisor's tree holds now."""
+        if self.supervisor is not None:
+            held = shm_files(tree_pids(self.supervisor.proc.pid))
+            self.shm_ours |= {os.path.basename(path) for path in held} - self.shm_before
+
+    def shm_new(self) -> set[str]:
+        """This soak's files in /dev/shm that were not there at its start."""
+        return set(os.listdir("/dev/shm")) & self.shm_ours
 
     # ------------------------------------------------------------ faults
 
