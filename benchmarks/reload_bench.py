@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -48,8 +49,13 @@ def roll(node: SupervisorProcess, config_path: Path, seqs: int) -> float:
     wait_for(lambda: all(w["pid"] != pids[w["worker"]] and w["state"] == "serving"
                          for w in (node.status() or {"workers": []})["workers"]), 600,
              interval=0.25, what="both workers rolled")
-    node.notify.wait_field("READY=1", 120, after=mark)
+    node.notify.wait_field("READY=1", 600, after=mark)
     return time.monotonic() - started
+
+
+def failures(node: SupervisorProcess) -> int:
+    """Restarts the supervisor counted as failures (a requested roll is not one)."""
+    return sum(w["restarts"] for w in node.status()["workers"])  # type: ignore[index]
 
 
 def main() -> None:
@@ -78,6 +84,7 @@ def main() -> None:
                     try:
                         time.sleep(opts.steady)
                         began = time.monotonic()
+                        failed_before = failures(node)
                         seqs = 6 if seqs == 8 else 8
                         took = roll(node, config_path, seqs)
                         ended = time.monotonic()
@@ -89,15 +96,20 @@ def main() -> None:
                     rows.append(f"| {concurrency} | {took:.1f} | {len(during)} | "
                                 f"{len(failed)} of {len(load.failed())} | "
                                 f"{ttft(load.results, began - opts.steady, began)} | "
-                                f"{ttft(load.results, began, ended)} |")
+                                f"{ttft(load.results, began, ended)} | "
+                                f"{failures(node) - failed_before} |")
                     print(rows[-1], flush=True)
         finally:
             node.cleanup()
+            logs = Path("build/bench-logs")
+            logs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(node.log_path, logs / "reload-supervisor.log")
     print(f"\nMachine: {machine()}\n")
     print("Rolling reload of 2 workers through the frontend (SIGHUP, max_num_seqs changed):\n")
     print("| clients | roll, SIGHUP to READY (s) | requests during the roll | failed (during / "
-          "whole run) | TTFT p50 / p99 steady (ms) | TTFT p50 / p99 during the roll (ms) |")
-    print("|---|---|---|---|---|---|")
+          "whole run) | TTFT p50 / p99 steady (ms) | TTFT p50 / p99 during the roll (ms) | "
+          "worker failures during the roll |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

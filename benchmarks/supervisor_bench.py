@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,12 +49,15 @@ def import_time(runs: int = 5) -> str:
         subprocess.run([sys.executable, "-c", "import dynamo_vllm.cli.main, "
                         "dynamo_vllm.supervisor.daemon"], check=True)
         times.append(time.perf_counter() - started)
-    rss = subprocess.run([sys.executable, "-c", "import resource, dynamo_vllm.supervisor.daemon;"
-                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child of
+    # this (larger) benchmark process would report the benchmark's size, not its own.
+    rss = subprocess.run([sys.executable, "-c", "import dynamo_vllm.supervisor.daemon;"
+                          "print(next(line.split()[1] for line in open('/proc/self/status')"
+                          " if line.startswith('VmHWM:')))"],
                          capture_output=True, text=True, check=True).stdout.strip()
     return (f"| supervisor import (interpreter start included), median of {runs} | "
             f"{statistics.median(times) * 1000:.0f} ms |\n"
-            f"| max RSS of a process that imported it | {int(rss) / 1024:.1f} MiB |")
+            f"| peak RSS (VmHWM) of a process that imported it | {int(rss) / 1024:.1f} MiB |")
 
 
 def _touch_every_worker(dirs: dict[str, str], step: int) -> None:
@@ -105,12 +111,28 @@ def collector_cost(source: Path, counts: list[int], scrapes: int = 30) -> list[s
     return rows
 
 
+def free_port_run(count: int) -> int:
+    """A base port with `count` free ports from it, below the ephemeral range (worker i
+    binds base + i; an ephemeral pick's neighbours are often taken)."""
+    for _ in range(200):
+        base = random.randint(20000, 32000 - count)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no {count} free ports in a row below 32000")
+
+
 def footprint(model: Path, tmp: Path, workers: int, rest_seconds: float,
               then: Callable[[SupervisorProcess, Path], None] | None = None) -> str:
     """A supervisor with `workers` real workers: its footprint row; `then` runs before stop."""
     tmp.mkdir()
     metrics_port = free_port()
-    config = engine_config(model.resolve(), free_port(),
+    config = engine_config(model.resolve(), free_port_run(workers),
                            workers={"count": workers, "restart_backoff": 0.1,
                                     "start_timeout": 900.0},
                            health={"canary_idle": 60.0}, metrics={"port": metrics_port})

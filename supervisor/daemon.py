@@ -304,7 +304,8 @@ class Supervisor:
                         failed_for_config=h.failed_for_config)
              for h in self.handles],
             Settings(self.config.min_ready, self.config.watchdog.unready_grace,
-                     watchdog=interval is not None),
+                     watchdog=interval is not None,
+                     rolling=self._reload_task is not None and not self._reload_task.done()),
             self.sent, FrontendView(self.frontend.serving, self.frontend.failed)
             if self.frontend is not None else None)
         self.sent, self.ready = verdict.sent, verdict.ready

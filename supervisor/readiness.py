@@ -6,8 +6,8 @@ so that every branch is unit-tested without processes (tests/unit/test_readiness
 - READY=1 once, when at least `min_ready` workers are available (serving, or asleep on
   an operator's request), and the frontend serves where there is one;
 - WATCHDOG=1 while ready, while starting (some worker can still come up), or while below
-  `min_ready` for less than `unready_grace` after the first READY: then systemd's watchdog
-  restarts the unit;
+  `min_ready` for less than `unready_grace` after the first READY (or after a reload's roll
+  ends): then systemd's watchdog restarts the unit;
 - stop with SERVICE_FAILED when every worker was given up (CONFIG when each was given up for
   its config), when the frontend was given up, or when the service is unhealthy and no
   systemd watchdog would act.
@@ -52,6 +52,8 @@ class Settings:
     unready_grace: float
     watchdog: bool
     """A systemd watchdog is armed (WATCHDOG_USEC): it acts when pings stop."""
+    rolling: bool = False
+    """A reload restarts the workers one at a time: being short of `min_ready` is planned."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ def readiness(now: float, workers: list[WorkerView], settings: Settings, sent: S
         # Starting: healthy while some worker can still come up within its start time.
         healthy = any(not w.failed for w in workers) and not (frontend and frontend.failed)
     else:
+        if settings.rolling:
+            # On purpose, and bounded by each worker's start_timeout: the grace starts
+            # when the roll ends, so a roll under load never costs the unit a restart.
+            sent = replace(sent, unready_since=now)
         since = sent.unready_since if sent.unready_since is not None else now
         healthy = now - since < settings.unready_grace
 

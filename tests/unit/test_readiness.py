@@ -74,3 +74,21 @@ def test_the_verdict_does_not_change_its_input() -> None:
     sent = Sent()
     readiness(0.0, [SERVING, SERVING], WATCHED, sent)
     assert sent == Sent()
+
+
+def test_a_reloads_roll_is_short_on_purpose_and_the_grace_starts_when_it_ends() -> None:
+    """A roll under load (each worker restarted in turn) may leave the service below
+    min_ready for longer than the grace: found by a rolling reload through the frontend,
+    where the unit without a watchdog stopped itself 120 s into the roll."""
+    from dataclasses import replace
+
+    rolling = replace(UNWATCHED, rolling=True)
+    ready = readiness(0.0, [SERVING, SERVING], rolling, Sent())
+    during = readiness(1.0, [SERVING, LOADING], rolling, ready.sent)
+    late = readiness(500.0, [LOADING, SERVING], rolling, during.sent)
+    assert late.healthy and late.exit_code is None and not late.ready
+    # The roll ended with a worker still short: the grace counts from then.
+    after = readiness(501.0, [LOADING, SERVING], UNWATCHED, late.sent)
+    assert after.healthy
+    assert readiness(560.0, [LOADING, SERVING], UNWATCHED, after.sent).exit_code \
+        is ExitCode.SERVICE_FAILED
