@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 CLOSE_POLL_S = 0.2
 # The worker resumes by itself after checkpoint.timeout; this much more and it is stuck.
 CHECKPOINT_SLACK_S = 60.0
+# A cold worker binds its port and answers /health before it imports vLLM, within seconds;
+# one silent this long after its spawn is stuck before that (seen once in a roll under
+# load on 2 cores: silent for minutes), and only a new life helps. start_timeout if lower.
+FIRST_ANSWER_S = 90.0
 
 
 class Service(Protocol):
@@ -63,6 +67,8 @@ class PollView:
     in_checkpoint: bool
     started_at: float | None
     state_since: float
+    unanswered: bool = False
+    """Spawned cold and has not answered /health yet this life."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,9 @@ def poll_verdict(now: float, view: PollView, limits: PollLimits) -> RestartReaso
     if view.loading and view.started_at is not None \
             and now - view.started_at > limits.start_timeout:
         return RestartReason.START_TIMEOUT
+    if view.unanswered and view.started_at is not None \
+            and now - view.started_at > min(limits.start_timeout, FIRST_ANSWER_S):
+        return RestartReason.START_TIMEOUT
     if view.in_checkpoint and now - view.state_since > limits.checkpoint_timeout:
         return RestartReason.CHECKPOINT_TIMEOUT
     return None
@@ -105,7 +114,8 @@ def unanswered_is_expected(handle: WorkerHandle, refused: bool) -> bool:
 def view_of(handle: WorkerHandle) -> PollView:
     return PollView(poll_failures=handle.poll_failures, ending=handle.ending,
                     loading=handle.loading, in_checkpoint=handle.in_checkpoint,
-                    started_at=handle.started_at, state_since=handle.state_since)
+                    started_at=handle.started_at, state_since=handle.state_since,
+                    unanswered=handle.phase is Phase.STARTING)
 
 
 # ---------------------------------------------------------------- the loop
@@ -211,8 +221,11 @@ async def watch(handle: WorkerHandle,
         verdict = await poll(handle, service)
         if verdict is not None:
             killed_for = verdict
-            log.error("worker %s: %s; killing its process group", handle.name, verdict.value,
-                      extra=journal.fields(handle.name, reason=verdict.value))
+            silent = " (no /health answer since its start)" \
+                if handle.phase is Phase.STARTING else ""
+            log.error("worker %s: %s%s; killing its process group", handle.name,
+                      verdict.value, silent, extra=journal.fields(handle.name,
+                                                                  reason=verdict.value))
             handle.kill_group()
 
 

@@ -125,6 +125,10 @@ def view(**changes: object) -> PollView:
     (901.0, {"loading": False}, None),
     (659.0, {"in_checkpoint": True}, None),
     (661.0, {"in_checkpoint": True}, RestartReason.CHECKPOINT_TIMEOUT),
+    # Silent since its spawn (never bound its port): a new life after FIRST_ANSWER_S.
+    (89.0, {"loading": True, "unanswered": True}, None),
+    (91.0, {"loading": True, "unanswered": True}, RestartReason.START_TIMEOUT),
+    (91.0, {"loading": True, "unanswered": False}, None),
 ])
 def test_poll_verdict(now: float, changes: dict[str, object],
                       verdict: RestartReason | None) -> None:
