@@ -453,7 +453,9 @@ def test_the_checkpoint_drop_in_lets_the_unit_restore_its_worker(container: Cont
             assert_unprivileged(container, "restored after the first checkpoint")
         container.run(f"systemctl restart {UNIT}", timeout=600)
         again = status(container)
-        assert again["ready"] and again["workers"][0]["restored"] is True, again
+        assert again["ready"] and again["workers"][0]["restored"] is True, (again, container.run(
+            f"journalctl --no-pager -o cat -u {UNIT} | grep -i 'restor\\|checkpoint\\|criu\\|"
+            "killing\\|hung\\|timeout' | grep -v 'site-packages' | tail -40").stdout)
         if split_restores:
             assert_unprivileged(container, "restored at start")
         # The restart wrote a new control token; the restored worker, whose memory predates
