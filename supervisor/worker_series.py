@@ -33,6 +33,8 @@ from dynamo_vllm.contract.protocol import Label
 # and are preallocated beyond that: only the used part says whether a value changed.
 _USED = struct.Struct("i")
 _HEAD = 4096
+# A worker's series whose text is kept; a tiny model's worker has about 400.
+MAX_KEPT_SERIES = 20_000
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class WorkerText:
         self.headers: dict[tuple[str, str, str], bytes] = {}
 
     def render(self, files: list[str]) -> list[_Family]:
+        if len(self.prefixes) > MAX_KEPT_SERIES:
+            self.prefixes.clear()  # series seen over many lives (LoRA adapters come and go)
         return [self._family(merged)
                 for merged in MultiProcessCollector.merge(files, accumulate=True)]
 
