@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from dynamo_vllm.supervisor.checkpoint.results import RESTORE_COUNTED, CheckpointResult
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PREFIX = "dynamo_agent"
 
@@ -44,18 +45,20 @@ class GuardedCollectors(Collector):
         self.outside = dict.fromkeys(outside, True)
         self.errors = {name: 0 for name in [*collectors, *self.outside]}
 
-    def guard(self, name: str, produce: Callable[[], bytes]) -> bytes:
-        """Runs a part of the scrape that is rendered outside the registry under the same
-        rule: a failure costs its own series, is logged and counted."""
+    def _attempt(self, name: str, produce: Callable[[], T]) -> T | None:
         try:
-            text = produce()
+            return produce()
         except Exception as exc:  # a broken collector must never break the scrape
             log.warning("collector %s failed: %s", name, exc)
             self.errors[name] += 1
-            self.outside[name] = False
-            return b""
-        self.outside[name] = True
-        return text
+            return None
+
+    def guard(self, name: str, produce: Callable[[], bytes]) -> bytes:
+        """Runs a part of the scrape that is rendered outside the registry under the same
+        rule: a failure costs its own series, is logged and counted."""
+        text = self._attempt(name, produce)
+        self.outside[name] = text is not None
+        return text or b""
 
     def collect(self) -> Iterator[Metric]:
         success = GaugeMetricFamily(f"{PREFIX}_scrape_collector_success",
@@ -64,21 +67,19 @@ class GuardedCollectors(Collector):
         for name, worked in self.outside.items():
             success.add_metric([name], 1 if worked else 0)
         for name, collect in self.collectors.items():
-            try:
-                metrics = list(collect())
-            except Exception as exc:  # a broken collector must never break the scrape
-                log.warning("collector %s failed: %s", name, exc)
-                self.errors[name] += 1
-                success.add_metric([name], 0)
-                continue
-            success.add_metric([name], 1)
-            yield from metrics
+            metrics = self._attempt(name, _listing(collect))
+            success.add_metric([name], 0 if metrics is None else 1)
+            yield from metrics or []
         errors = CounterMetricFamily(f"{PREFIX}_collector_errors",
                                      "Errors while collecting metrics.", labels=["collector"])
         for name, count in self.errors.items():
             errors.add_metric([name], count)
         yield success
         yield errors
+
+
+def _listing(collect: Callable[[], Iterable[Metric]]) -> Callable[[], list[Metric]]:
+    return lambda: list(collect())
 
 
 class Scrape:
