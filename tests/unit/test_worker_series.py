@@ -94,14 +94,19 @@ def test_a_worker_gone_or_removed_under_the_scrape_costs_only_its_series(
 
 def test_a_failing_worker_part_is_reported_and_the_scrape_still_answers() -> None:
     registry = CollectorRegistry()
-    guarded = GuardedCollectors({}, outside=["workers"])
-    registry.register(guarded)
 
     def broken() -> bytes:
         raise OSError("no")
 
+    def broken_node() -> list:
+        raise OSError("no /proc")
+
+    guarded = GuardedCollectors({"node": broken_node}, outside=["workers"])
+    registry.register(guarded)
     text = Scrape(registry, guarded, broken)().decode()
     assert 'dynamo_agent_scrape_collector_success{collector="workers"} 0.0' in text
     assert 'dynamo_agent_collector_errors_total{collector="workers"} 1.0' in text
+    assert 'dynamo_agent_scrape_collector_success{collector="node"} 0.0' in text
+    assert 'dynamo_agent_collector_errors_total{collector="node"} 1.0' in text
     text = Scrape(registry, guarded, lambda: b"")().decode()
     assert 'dynamo_agent_scrape_collector_success{collector="workers"} 1.0' in text
