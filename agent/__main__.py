@@ -51,9 +51,34 @@ def _die_with_supervisor() -> None:
         _exit(ExitCode.STOPPED)
 
 
+def _keep_to_own_cpus() -> None:
+    """A CPU-engine worker given its own CPUs moves there before torch is imported.
+
+    torch's import pins the process to each CPU it may use in turn (a CPU probe). With
+    another worker's engine thread pinned busy on one of them, that move can wait for
+    minutes (seen on 2 cores: a restarted worker silent until the other went idle, SIGKILL
+    included). Kept to its own CPUs, the probe visits only those, and the agent, EngineCore
+    and its threads stay off the other workers' cores.
+    """
+    given = os.environ.get(Env.WORKER_CPUS, "")
+    try:
+        cpus = {int(cpu) for cpu in given.split(",") if cpu.strip()}
+    except ValueError:
+        print(f"dynamo-vllm worker: ignoring {Env.WORKER_CPUS}={given!r}: not a list of CPU "
+              f"numbers", file=sys.stderr)
+        return
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:
+            print(f"dynamo-vllm worker: cannot keep to CPUs {sorted(cpus)}: {exc}",
+                  file=sys.stderr)
+
+
 def _prepare_environment(index: int) -> str | None:
     """Engine env defaults and a metrics directory. Returns a directory to remove at exit."""
     _die_with_supervisor()
+    _keep_to_own_cpus()
     for name, value in Env.ENGINE_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if "prometheus_client" in sys.modules:

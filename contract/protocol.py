@@ -134,6 +134,9 @@ class Env:
     SUPERVISOR_PID = "DYNAMO_VLLM_SUPERVISOR_PID"
     INSTANCE = "DYNAMO_VLLM_INSTANCE"
     DISCOVERY_DIR = "DYNAMO_VLLM_DISCOVERY_DIR"
+    # A CPU-engine worker's own CPUs (comma-separated): the agent keeps its whole process
+    # tree on them from its first line (supervisor/devices.py split_cpus).
+    WORKER_CPUS = "DYNAMO_VLLM_WORKER_CPUS"
     # Dynamo's name: etcd endpoints, comma-separated (overrides discovery.etcd_endpoints).
     ETCD_ENDPOINTS = "ETCD_ENDPOINTS"
     # Checkpoint/restore (Dynamo's newest protocol, G4): the control directory turns snapshot

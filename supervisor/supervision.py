@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 CLOSE_POLL_S = 0.2
 # The worker resumes by itself after checkpoint.timeout; this much more and it is stuck.
 CHECKPOINT_SLACK_S = 60.0
-# A cold worker binds its port and answers /health before it imports vLLM, within seconds;
-# one silent this long after its spawn is stuck before that (seen once in a roll under
-# load on 2 cores: silent for minutes), and only a new life helps. start_timeout if lower.
+# A cold worker binds its port and answers /health once vLLM is imported, before the model
+# loads (~15 s on 2 busy cores); one silent this long after its spawn is stuck before that,
+# and only a new life helps. start_timeout if lower. (Seen: a worker whose torch import
+# waited on another worker's busy core for minutes, now kept off by agent's own CPUs.)
 FIRST_ANSWER_S = 90.0
 
 

@@ -109,7 +109,7 @@ class WorkerSpec:
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
         if self.cpus and CPU_BIND_ENV not in base:
-            env[CPU_BIND_ENV] = ",".join(str(c) for c in self.cpus)
+            env[CPU_BIND_ENV] = env[Env.WORKER_CPUS] = ",".join(str(c) for c in self.cpus)
         for name, value in Env.ENGINE_DEFAULTS.items():
             env.setdefault(name, value)
         env.update(self.account_env)

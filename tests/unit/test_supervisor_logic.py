@@ -79,12 +79,13 @@ def test_worker_environment_is_scrubbed(tmp_path: Path) -> None:
                             "PATH": "/bin"})
     assert "NOTIFY_SOCKET" not in env and "WATCHDOG_USEC" not in env
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == env["DYNAMO_VLLM_WORKER_CPUS"] == "1"
     assert env["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "m")
     assert env["DYNAMO_VLLM_SUPERVISOR_PID"] == str(os.getpid())
     assert spec.command()[-4:] == ["--config", str(tmp_path / "c.toml"), "--index", "1"]
     operator_bind = spec.environment({"VLLM_CPU_OMP_THREADS_BIND": "0-3"})
     assert operator_bind["VLLM_CPU_OMP_THREADS_BIND"] == "0-3"
+    assert "DYNAMO_VLLM_WORKER_CPUS" not in operator_bind
 
 
 def test_watchdog_usec_rules() -> None:
