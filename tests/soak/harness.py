@@ -5,8 +5,8 @@ workers of the tiny model on the CPU engine (checkpoints on, so that most recove
 restores). Load runs throughout (tests/soak/load.py). Faults (tests/soak/faults.py) are
 injected one at a time, in an order drawn from a fixed seed, each once the instance is
 whole again. Throughout, an observer polls /status and checks the invariants; at the end
-the report is a Markdown table of faults and requests, and the list of violations, which a
-test asserts is empty.
+the report (tests/soak/report.py) is a Markdown table of faults and requests, and the list
+of violations, which a test asserts is empty.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -39,34 +38,13 @@ from tests.harness import (
     write_config,
 )
 from tests.soak.faults import BY_NAME, DEAD, FAULTS, GONE, HUNG, STOPPED, Fault
-from tests.soak.load import COMPLETED, FAILED, LOST, Load
+from tests.soak.load import LOST, Load
+from tests.soak.report import FaultResult, Resources, render_report, resource_violations
 
 # Two busy cores: the observer, the supervisor and the engines compete for them.
 SLACK_S = 3.0
 FAULT_TIMEOUT_S = 180.0
 STORE_SIZE = "4g"
-
-
-@dataclass
-class FaultResult:
-    fault: str
-    worker: int
-    detected_s: float | None
-    recovered_s: float | None
-    bound_s: float | None
-    error: str = ""
-    # The restart reasons the supervisor gave (restarts_by_reason, what moved).
-    reasons: str = ""
-
-
-@dataclass
-class Resources:
-    fds: int
-    rss: int
-    metric_files: int
-    dead_metric_files: int
-    shm: int
-    descendants: int
 
 
 @dataclass
@@ -260,8 +238,6 @@ class Soak:
              interval: float = 0.1) -> Any:
         return wait_for(predicate, timeout, interval=interval, what=what)
 
-    # ------------------------------------------------------------ resources
-
     def resources(self) -> Resources:
         assert self.supervisor is not None
         supervisor = psutil.Process(self.supervisor.proc.pid)
@@ -391,80 +367,6 @@ class Soak:
         return FaultResult(fault.name, worker, detected, recovered, bound, error,
                            ", ".join(moved))
 
-    # ------------------------------------------------------------ the report
-
-    def check_resources(self, before: Resources, after: Resources | None) -> None:
-        if after is None:
-            self.violations.append("resources could not be read at the end")
-            return
-        if after.fds > before.fds + 4:
-            self.violations.append(f"supervisor fds grew: {before.fds} -> {after.fds}")
-        if after.dead_metric_files:
-            self.violations.append(f"{after.dead_metric_files} metric file(s) of dead "
-                                   "processes left")
-        if after.metric_files > before.metric_files:
-            self.violations.append(f"metric files grew: {before.metric_files} -> "
-                                   f"{after.metric_files}")
-        if after.shm > before.shm:
-            self.violations.append(f"/dev/shm files grew: {before.shm} -> {after.shm}")
-        if after.descendants != before.descendants:
-            self.violations.append(f"supervisor's processes: {before.descendants} -> "
-                                   f"{after.descendants}")
-        if after.rss > before.rss + 32 * 2**20:
-            self.violations.append(f"supervisor RSS grew by "
-                                   f"{(after.rss - before.rss) / 2**20:.0f} MiB")
-
-    def report(self, before: Resources, after: Resources | None) -> str:
-        lines = ["| fault | injected | recovered | detection median / max (s) | bound (s) "
-                 "| back to serving median / max (s) | restart reason |",
-                 "|---|---|---|---|---|---|---|"]
-        for name in dict.fromkeys(r.fault for r in self.results):
-            rows = [r for r in self.results if r.fault == name]
-            ok = [r for r in rows if r.recovered_s is not None and not r.error]
-            det = [r.detected_s for r in ok if r.detected_s is not None]
-            rec = [r.recovered_s for r in ok if r.recovered_s is not None]
-            bound = rows[0].bound_s
-            reasons = ", ".join(sorted({r.reasons for r in rows if r.reasons})) or "-"
-            lines.append(f"| {name} | {len(rows)} | {len(ok)} | {_med_max(det)} | "
-                         f"{'' if bound is None else f'{bound:.1f}'} | {_med_max(rec)} | "
-                         f"{reasons} |")
-        for name, reason in self.skipped.items():
-            lines.append(f"| {name} | 0 | - | not run: {reason} | | | |")
-        assert self.load is not None
-        counts = self.load.counts()
-        sent = sum(counts.values())
-        lines += ["", "| requests sent | completed | failed with an explicit error | lost |",
-                  "|---|---|---|---|",
-                  f"| {sent} | {counts[COMPLETED]} | {counts[FAILED]} | {counts[LOST]} |", ""]
-        failures: dict[str, int] = {}
-        for outcome in self.load.outcomes:
-            if outcome.result != COMPLETED:
-                key = f"{outcome.result}: {re.sub(r'[0-9]+', 'N', outcome.detail)[:90]}"
-                failures[key] = failures.get(key, 0) + 1
-        if failures:
-            lines += ["| outcome | count |", "|---|---|"]
-            lines += [f"| {k} | {v} |" for k, v in sorted(failures.items(), key=lambda kv: -kv[1])]
-            lines.append("")
-        lines += ["| resource | before | after |", "|---|---|---|"]
-        for name in ("fds", "rss", "metric_files", "dead_metric_files", "shm", "descendants"):
-            b = getattr(before, name)
-            a = getattr(after, name) if after is not None else "?"
-            if name == "rss":
-                b = f"{b / 2**20:.0f} MiB"
-                a = f"{a / 2**20:.0f} MiB" if isinstance(a, int) else a
-            lines.append(f"| {name.replace('_', ' ')} | {b} | {a} |")
-        if self.notes:
-            lines += ["", *(f"- {note}" for note in self.notes)]
-        lines += ["", "Violations: " + ("none" if not self.violations else "")]
-        lines += [f"- {v}" for v in self.violations]
-        return "\n".join(lines) + "\n"
-
-
-def _med_max(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.median(values):.1f} / {max(values):.1f}"
-
 
 def run_soak(model: Path, criu: Path, tmp: Path, settings: SoakSettings) -> tuple[str, Soak]:
     soak = Soak(model, criu, tmp, settings)
@@ -476,14 +378,16 @@ def run_soak(model: Path, criu: Path, tmp: Path, settings: SoakSettings) -> tupl
     finally:
         after = soak.stop()
     assert before is not None
-    soak.check_resources(before, after)
+    soak.violations += resource_violations(before, after)
     if soak.load is not None:
         lost = [o for o in soak.load.outcomes if o.result == LOST]
         if lost:
             soak.violations.append(f"{len(lost)} request(s) lost, first: worker "
                                    f"{lost[0].worker} at t={soak.t(lost[0].started):.1f}s: "
                                    f"{lost[0].detail}")
-    report = soak.report(before, after)
+    assert soak.load is not None
+    report = render_report(soak.results, soak.skipped, soak.load, (before, after), soak.notes,
+                           soak.violations)
     (tmp / "report.md").write_text(report)
     return report, soak
 
