@@ -27,6 +27,8 @@ SECTIONS = {
     "parity": ("Request path against vLLM's own server, by vLLM's benchmark client",
                "parity_bench.py"),
     "detection": ("Failure detection with the default health settings", "detection_bench.py"),
+    "stress": ("No false hang verdict: 10 minutes at max_model_len, then with the CPUs taken",
+               "stress_bench.py"),
     "supervisor": ("Supervisor: footprint, /metrics cost, restart time", "supervisor_bench.py"),
     "sleep": ("Sleep and wake", "sleep_bench.py"),
     "checkpoint": ("Checkpoint/restore against a cold start", "checkpoint_bench.py"),
