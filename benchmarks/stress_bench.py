@@ -35,8 +35,8 @@ MAX_MODEL_LEN = 512
 MAX_NUM_SEQS = 8
 OUTPUT_LEN = 64
 # Random prompts of this many tokens, plus OUTPUT_LEN, fill the context (the tokenizer's
-# round trip of random ids can add a few, so a little room is left).
-INPUT_LEN = MAX_MODEL_LEN - OUTPUT_LEN - 8
+# round trip of random ids and the server's BOS can add a few, so a little room is left).
+INPUT_LEN = MAX_MODEL_LEN - OUTPUT_LEN - 16
 PROMPTS_PER_ROUND = 48
 HUNG = "engine hung"
 CANARY_SLOW = "canary slow"
@@ -45,6 +45,7 @@ CANARY_FAILED = "canary failed"
 
 @dataclass
 class Phase:
+    index: int
     name: str
     rounds: int = 0
     completed: int = 0
@@ -70,7 +71,7 @@ def run_phase(phase: Phase, worker: WorkerProcess, model: Path, tmp: Path,
     ends = time.monotonic() + seconds
     started = time.monotonic()
     while time.monotonic() < ends and worker.proc.poll() is None:
-        out = tmp / f"{phase.name}-{phase.rounds}.json"
+        out = tmp / f"phase{phase.index}-round{phase.rounds}.json"
         try:
             result = vllm_bench(worker.base, model, out, stress_load())
         except subprocess.CalledProcessError as exc:
@@ -97,8 +98,8 @@ def main() -> None:
     os.environ.update(ENV)
     model = opts.model.resolve()
     print(f"Machine: {machine()}\n", flush=True)
-    phases = [Phase("max_model_len, full queue"),
-              Phase(f"the same, {os.cpu_count()} busy-loop processes beside it")]
+    phases = [Phase(0, "max_model_len, full queue"),
+              Phase(1, f"the same, {os.cpu_count()} busy-loop processes beside it")]
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         port = free_port()
