@@ -19,9 +19,11 @@ from pathlib import Path
 from dynamo_vllm.supervisor.shm import fd_targets
 
 DELETED = " (deleted)"
-# A restored life holds them under CRIU's ghost-file name ("%s.cr.%x.ghost", unlinked): a
-# checkpoint taken after the directory was removed brings them back removed.
-CRIU_GHOST = re.compile(r"\.cr\.[0-9a-f]+\.ghost$")
+# A checkpoint taken after the directory was removed brings the files back removed, under
+# the name CRIU restored them by: a ghost file ("%s.cr.%x.ghost") or, where CRIU could link
+# the unlinked file at the dump, a link-remap file ("%s.cr_link"; seen in the long soak: a
+# restored worker's series stopped for good after the next removal, 0 files relinked).
+CRIU_RENAMED = re.compile(r"(\.cr\.[0-9a-f]+\.ghost|\.cr_link)$")
 
 
 def held_deleted(pids: list[int], directory: Path) -> dict[str, str]:
@@ -32,7 +34,7 @@ def held_deleted(pids: list[int], directory: Path) -> dict[str, str]:
     for fd_path, link in fd_targets(pids):
         if not link.endswith(DELETED):
             continue
-        path = CRIU_GHOST.sub("", link[: -len(DELETED)])
+        path = CRIU_RENAMED.sub("", link[: -len(DELETED)])
         name = path.removeprefix(prefix)
         if name != path and "/" not in name and name.endswith(".db"):
             found.setdefault(name, fd_path)

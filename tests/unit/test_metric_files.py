@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dynamo_vllm.supervisor.metric_files import held_deleted, restore_directory
@@ -73,12 +74,15 @@ def test_files_of_other_directories_and_live_files_are_left_alone(tmp_path: Path
         assert held_deleted([999_999_999], mine) == {}
 
 
-def test_files_a_restore_brought_back_removed_are_found_by_their_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("restored_as", ["counter_77.db.cr.1a.ghost", "counter_77.db.cr_link"])
+def test_files_a_restore_brought_back_removed_are_found_by_their_name(
+        tmp_path: Path, restored_as: str) -> None:
     """After a checkpoint of a life whose directory had been removed, CRIU restores the
-    files as unlinked "ghost" files: NAME.cr.HEX.ghost."""
+    files unlinked, as "ghost" files (NAME.cr.HEX.ghost) or link-remap files
+    (NAME.cr_link, what CRIU 4.2 did in the soak)."""
     directory = tmp_path / "worker0"
     directory.mkdir()
-    ghost = directory / "counter_77.db.cr.1a.ghost"
+    ghost = directory / restored_as
     with child_holding(f"f = open({str(ghost)!r}, 'w')") as pid:
         ghost.unlink()
         held = held_deleted([pid], directory)
