@@ -49,13 +49,17 @@ def commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def kept_sections(path: Path) -> dict[str, str]:
-    """The sections of an earlier BENCHMARKS.md by key, each from its `## ` title on."""
+def kept_sections(path: Path) -> tuple[str | None, dict[str, str]]:
+    """An earlier BENCHMARKS.md: its header's machine line, and its sections by key, each
+    from its `## ` title on."""
     if not path.exists():
-        return {}
+        return None, {}
+    text = path.read_text()
+    machine_line = next((line for line in text.splitlines()
+                         if line.startswith("- Machine: ")), None)
     by_title = {title: key for key, (title, _) in SECTIONS.items()}
     sections, key, lines = {}, None, []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.startswith("## "):
             if key:
                 sections[key] = "\n".join(lines).strip() + "\n"
@@ -63,7 +67,7 @@ def kept_sections(path: Path) -> dict[str, str]:
         lines.append(line)
     if key:
         sections[key] = "\n".join(lines).strip() + "\n"
-    return sections
+    return machine_line, sections
 
 
 def run_section(key: str, model: Path) -> str:
@@ -100,12 +104,9 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown {', '.join(sorted(unknown))}")
 
-    sections = kept_sections(opts.output) if opts.only else {}
     # A partial run keeps the other sections, so it keeps the header's machine too (its own
     # sections name theirs: these VMs do not always land on the same CPU).
-    header_machine = next((line for line in opts.output.read_text().splitlines()
-                           if line.startswith("- Machine: ")), None) \
-        if opts.only and opts.output.exists() else None
+    header_machine, sections = kept_sections(opts.output) if opts.only else (None, {})
     for key in chosen:
         sections[key] = run_section(key, opts.model)
     parts = [
