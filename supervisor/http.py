@@ -9,7 +9,8 @@ the cap the oldest connection that has not sent a whole request is closed to mak
 2,000 idle connections neither exhaust the supervisor's file descriptors nor keep
 Prometheus or the CLI out.
 
-This module is the transport only: /metrics renders `scrape` (metrics.Scrape), /status,
+This module is the transport only: /metrics renders `scrape` (metrics.Scrape: the body's
+parts, gzipped by exposition.GzipBody when the client takes gzip), /status,
 /healthz and /openapi.json read a status snapshot the main loop replaces whole on every
 tick; every other route is a handler of `supervisor.handlers`, run on the main loop through
 `run_coroutine_threadsafe` (the one way into the loop). The POST routes pass the gate first
@@ -21,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gzip
 import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -41,6 +41,7 @@ from dynamo_vllm.contract.gate import (
 )
 from dynamo_vllm.contract.openapi import supervisor_document
 from dynamo_vllm.contract.protocol import Route
+from dynamo_vllm.supervisor.exposition import GzipBody
 from dynamo_vllm.supervisor.handlers import Routes, Unavailable
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,12 @@ class Request:
 
 
 class StatusServer:
-    def __init__(self, host: str, port: int, scrape: Callable[[], bytes],
+    def __init__(self, host: str, port: int, scrape: Callable[[], Sequence[bytes]],
                  snapshot: Callable[[], dict[str, Any]], routes: Routes,
                  loop: asyncio.AbstractEventLoop, control_timeout: float = 60.0,
                  control_from_network: bool = False, token: TokenFile | None = None):
         self.scrape = scrape
+        self.gzip = GzipBody()
         self.token = token
         self.routes = routes
         self.loop = loop
@@ -265,13 +267,17 @@ class StatusServer:
             return _json(500, {"error": f"{type(exc).__name__}: {exc}"})
 
     async def _metrics(self, request: Request) -> Answer:
-        text = await asyncio.get_running_loop().run_in_executor(self.pool, self.scrape)
         accepted = {part.split(";")[0].strip().lower()
                     for part in request.headers.get("accept-encoding", "").split(",")}
-        if "gzip" in accepted and len(text) >= GZIP_MIN:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._metrics_body, "gzip" in accepted)
+
+    def _metrics_body(self, gzip: bool) -> Answer:
+        parts = self.scrape()
+        if gzip and sum(len(part) for part in parts) >= GZIP_MIN:
             # Prometheus asks for gzip; a scrape of many workers shrinks about tenfold.
-            return 200, gzip.compress(text, compresslevel=1), CONTENT_TYPE_LATEST, "gzip"
-        return 200, text, CONTENT_TYPE_LATEST, ""
+            return 200, self.gzip.compress(parts), CONTENT_TYPE_LATEST, "gzip"
+        return 200, b"".join(parts), CONTENT_TYPE_LATEST, ""
 
     async def _post(self, request: Request, body: bytes, peer: str | None) -> Answer:
         path = request.path

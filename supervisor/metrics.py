@@ -3,7 +3,7 @@
 The supervisor never sets `PROMETHEUS_MULTIPROC_DIR` for itself: its own metrics live in
 an ordinary registry. Each worker writes to its own directory (fresh for each life); the
 `WorkerSeries` (worker_series.py) renders them, and `Scrape` puts the body together: the
-registry's families, then the workers'. A worker life's directory is removed when it ends,
+workers' families, then the registry's. A worker life's directory is removed when it ends,
 so its series vanish with it.
 """
 
@@ -83,8 +83,9 @@ def _listing(collect: Callable[[], Iterable[Metric]]) -> Callable[[], list[Metri
 
 
 class Scrape:
-    """One /metrics body: the registry's families, then the workers' text (`workers`, a
-    WorkerSeries' render), whose success this very scrape reports as a collector's."""
+    """One /metrics body, in two parts: the workers' text (`workers`, a WorkerSeries'
+    render, the same bytes object while no worker changed), then the registry's families,
+    which report this very scrape's success of the workers' part as a collector's."""
 
     def __init__(self, registry: CollectorRegistry, guarded: GuardedCollectors,
                  workers: Callable[[], bytes]):
@@ -94,10 +95,10 @@ class Scrape:
         # Scrapes run in a small pool: one at a time, so the success reported is this one's.
         self._lock = threading.Lock()
 
-    def __call__(self) -> bytes:
+    def __call__(self) -> tuple[bytes, bytes]:
         with self._lock:
             workers = self.guarded.guard("workers", self.workers)
-            return generate_latest(self.registry) + workers
+            return workers, generate_latest(self.registry)
 
 
 class NodeCollector:

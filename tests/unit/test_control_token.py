@@ -9,7 +9,6 @@ import os
 import threading
 import urllib.error
 import urllib.request
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -139,7 +138,7 @@ def test_supervisor_posts_need_the_token(tmp_path: Path) -> None:
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
     loop_thread.start()
-    server = StatusServer("127.0.0.1", 0, partial(generate_latest, CollectorRegistry()),
+    server = StatusServer("127.0.0.1", 0, lambda: (generate_latest(CollectorRegistry()),),
                           lambda: {}, routes, loop,  # type: ignore[arg-type]
                           token=TokenFile(token_file(tmp_path)))
     server.start()

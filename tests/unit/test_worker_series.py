@@ -6,12 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_vllm.supervisor.metrics import GuardedCollectors, Scrape
-from dynamo_vllm.supervisor.worker_series import WorkerSeries
+from dynamo_vllm.supervisor.worker_series import WorkerSeries, WorkerText, _Families, files_content
 
 REQUESTS = mmap_key("vllm:requests", "vllm:requests_total", ["finished_reason"], ["stop"],
                     "Finished requests.")
@@ -65,7 +66,8 @@ def test_workers_join_under_one_family_and_only_a_changed_worker_renders_again(
     assert samples[("vllm:ttft_seconds_count", "worker1", "")] == 3.0
     assert b'model="tiny"' in first and series.renders == 2
 
-    assert series.render() == first and series.renders == 2  # nothing changed: kept
+    # Nothing changed: each worker's text kept, and the joined text is the same object.
+    assert series.render() is first and series.renders == 2
 
     _write(Path(dirs["worker1"]) / "counter_100.db", {REQUESTS: 20.0})
     changed = _samples(series.render())
@@ -103,10 +105,38 @@ def test_a_failing_worker_part_is_reported_and_the_scrape_still_answers() -> Non
 
     guarded = GuardedCollectors({"node": broken_node}, outside=["workers"])
     registry.register(guarded)
-    text = Scrape(registry, guarded, broken)().decode()
+    text = b"".join(Scrape(registry, guarded, broken)()).decode()
     assert 'dynamo_agent_scrape_collector_success{collector="workers"} 0.0' in text
     assert 'dynamo_agent_collector_errors_total{collector="workers"} 1.0' in text
     assert 'dynamo_agent_scrape_collector_success{collector="node"} 0.0' in text
     assert 'dynamo_agent_collector_errors_total{collector="node"} 1.0' in text
-    text = Scrape(registry, guarded, lambda: b"")().decode()
+    text = b"".join(Scrape(registry, guarded, lambda: b"")()).decode()
     assert 'dynamo_agent_scrape_collector_success{collector="workers"} 1.0' in text
+
+
+def test_the_reader_merges_as_prometheus_clients_own(tmp_path: Path) -> None:
+    """Every file kind vLLM's processes write, read from the bytes the scrape compared and
+    merged: the same families and values as MultiProcessCollector.merge of the files."""
+    def gauge(name: str) -> str:
+        return mmap_key(name, name, ["engine"], ["0"], "A gauge.")
+
+    _write(tmp_path / "counter_100.db", {REQUESTS: 3.0})
+    _write(tmp_path / "counter_101.db", {REQUESTS: 4.0})
+    _write(tmp_path / "histogram_100.db", {BUCKET: 2.0, OVER: 1.0, TTFT_SUM: 0.25})
+    _write(tmp_path / "histogram_101.db", {BUCKET: 1.0, TTFT_SUM: 0.5})
+    _write(tmp_path / "gauge_livesum_100.db", {gauge("vllm:running"): 2.0})
+    _write(tmp_path / "gauge_livesum_101.db", {gauge("vllm:running"): 3.0})
+    _write(tmp_path / "gauge_all_100.db", {gauge("vllm:cache_info"): 1.0})
+    mostrecent = MmapedDict(str(tmp_path / "gauge_mostrecent_100.db"))
+    mostrecent.write_value(gauge("vllm:kv_usage"), 0.5, 10.0)
+    mostrecent.close()
+    files = sorted(str(path) for path in tmp_path.glob("*.db"))
+    text = WorkerText("0", {})
+    ours = text._read(files_content(files))
+    # Twice: the second read comes from the kept keys.
+    ours = text._read(files_content(files))
+    merged = MultiProcessCollector._accumulate_metrics(ours, True)
+    theirs = MultiProcessCollector.merge(files, accumulate=True)
+    assert generate_latest(_Families(list(merged))) == \
+        generate_latest(_Families(list(theirs)))
+    assert len(text.keys) == 7  # one parse per distinct series key
