@@ -35,7 +35,7 @@ from dynamo_vllm.agent.lifecycle import SleepController
 from dynamo_vllm.contract.config import Config
 from dynamo_vllm.contract.dynamo_env import runtime_environment
 from dynamo_vllm.contract.gate import is_loopback
-from dynamo_vllm.contract.protocol import ExitCode
+from dynamo_vllm.contract.protocol import Env, ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,12 @@ class DynamoMember:
         self.max_model_len: int | None = None
         self.total_blocks = 0
         # vLLM's KV event publisher binds here: a socket file in a directory only this
-        # user can enter, so no port is opened to the network and none can collide.
-        self._event_dir = tempfile.mkdtemp(prefix=f"dynamo-vllm-kv-{index}-")
+        # user can enter, so no port is opened to the network and none can collide. Under
+        # the supervisor, the worker's own socket directory (the same path in every life, as
+        # a restore needs); alone, a temporary one.
+        given = os.environ.get(Env.SOCKET_DIR)
+        self._own_event_dir = not given
+        self._event_dir = given or tempfile.mkdtemp(prefix=f"dynamo-vllm-kv-{index}-")
         self.kv_events: str | None = (
             f"ipc://{self._event_dir}/events" if config.dynamo.kv_events else None)
 
@@ -257,7 +261,8 @@ class DynamoMember:
             await asyncio.wait(self.serving, timeout=self.config.workers.drain_timeout)
         for task in self.serving:
             task.cancel()
-        shutil.rmtree(self._event_dir, ignore_errors=True)
+        if self._own_event_dir:
+            shutil.rmtree(self._event_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ endpoints
 

@@ -356,6 +356,12 @@ class Worker:
                          f"serving; the worker is {self.status.state.value}"}
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return 409, {"status": "error", "message": "already waiting for a checkpoint"}
+        if self.dynamo is not None and self.dynamo.runtime is not None:
+            # Every life restored from such an image would carry this life's Dynamo
+            # instance id and connections; the checkpoint at start comes before the runtime.
+            return 409, {"status": "error", "message": "with [dynamo] on, a checkpoint is "
+                         "taken only as a worker starts, before it joins Dynamo's runtime; "
+                         "not while it serves"}
         self._snapshot_task = asyncio.create_task(self._snapshot_on_request(controller),
                                                   name="snapshot")
         return 202, {"status": "ok", "message": "draining; ready-for-snapshot follows"}

@@ -88,7 +88,8 @@ _ENDS = frozenset({WorkerState.DRAINING, WorkerState.DEAD, WorkerState.UNHEALTHY
 WORKER_TRANSITIONS: Final[Mapping[WorkerState, frozenset[WorkerState]]] = MappingProxyType({
     WorkerState.LOADING: frozenset({WorkerState.SERVING, WorkerState.CHECKPOINT}) | _ENDS,
     WorkerState.SERVING: frozenset({WorkerState.SLEEPING, WorkerState.CHECKPOINT}) | _ENDS,
-    WorkerState.SLEEPING: frozenset({WorkerState.SERVING}) | _ENDS,
+    # A checkpoint on request puts the engine to sleep, then waits for the checkpointer.
+    WorkerState.SLEEPING: frozenset({WorkerState.SERVING, WorkerState.CHECKPOINT}) | _ENDS,
     WorkerState.CHECKPOINT: frozenset({WorkerState.SERVING}) | _ENDS,
     WorkerState.DRAINING: frozenset({WorkerState.DEAD, WorkerState.UNHEALTHY}),
     WorkerState.UNHEALTHY: frozenset({WorkerState.DEAD}),
@@ -137,6 +138,10 @@ class Env:
     # A CPU-engine worker's own CPUs (comma-separated): the agent keeps its whole process
     # tree on them from its first line (supervisor/devices.py split_cpus).
     WORKER_CPUS = "DYNAMO_VLLM_WORKER_CPUS"
+    # A private directory for the worker's socket files (vLLM's KV event publisher), at the
+    # same path in every life: a checkpoint holds the bound socket's path, and a restore
+    # binds it again there. Emptied by the supervisor before each life.
+    SOCKET_DIR = "DYNAMO_VLLM_SOCKET_DIR"
     # Dynamo's name: etcd endpoints, comma-separated (overrides discovery.etcd_endpoints).
     ETCD_ENDPOINTS = "ETCD_ENDPOINTS"
     # Checkpoint/restore (Dynamo's newest protocol, G4): the control directory turns snapshot

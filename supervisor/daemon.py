@@ -152,6 +152,7 @@ class Supervisor:
         return [WorkerSpec(index=i, host=config.workers.host, port=config.worker_port(i),
                            gpus=groups[i], cpus=cpus[i],
                            metrics_dir=self.runtime_dir / "metrics" / f"worker{i}",
+                           socket_dir=self.runtime_dir / "sockets" / f"worker{i}",
                            python=config.workers.python or engine_python() or "",
                            config_path=self.effective_config_path,
                            instance=self.instance, discovery_dir=self.discovery.directory,

@@ -69,6 +69,7 @@ class WorkerSpec:
     config_path: Path
     instance: str = ""
     discovery_dir: Path | None = None
+    socket_dir: Path | None = None
     # Checkpoint/restore: the worker's control directory, and what its checkpoint is.
     control_dir: Path | None = None
     checkpoint_hash: str = ""
@@ -106,6 +107,8 @@ class WorkerSpec:
             env[Env.INSTANCE] = self.instance
         if self.discovery_dir is not None:
             env[Env.DISCOVERY_DIR] = str(self.discovery_dir)
+        if self.socket_dir is not None:
+            env[Env.SOCKET_DIR] = str(self.socket_dir)
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
         if self.cpus and CPU_BIND_ENV not in base:

@@ -225,13 +225,18 @@ class WorkerHandle:
             log.warning("worker %s: its record stays until its lease expires (deleting it "
                         "failed: %s)", self.name, exc)
 
-    def fresh_metrics_dir(self) -> None:
-        """A new, empty, private directory for this life's metric files."""
-        shutil.rmtree(self.spec.metrics_dir, ignore_errors=True)
-        self.spec.metrics_dir.mkdir(mode=0o700, parents=True)
-        if self.spec.account is not None:
-            self.spec.account.let_in(self.spec.metrics_dir.parent)
-        self.spec.own_dir(self.spec.metrics_dir)
+    def fresh_life_dirs(self) -> None:
+        """New, empty, private directories for this life's metric files and sockets (a
+        restore binds the image's sockets at their paths again: the directory must be
+        there, and empty)."""
+        for directory in (self.spec.metrics_dir, self.spec.socket_dir):
+            if directory is None:
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(mode=0o700, parents=True)
+            if self.spec.account is not None:
+                self.spec.account.let_in(directory.parent)
+            self.spec.own_dir(directory)
 
     def drop_metrics_dir(self) -> None:
         shutil.rmtree(self.spec.metrics_dir, ignore_errors=True)
@@ -268,7 +273,7 @@ class WorkerHandle:
         """Start the worker cold; `extra_env` is what the checkpoint coordinator tells this
         life (its control directory, snapshot mode)."""
         self.spec.extra_env = dict(extra_env or {})
-        self.fresh_metrics_dir()
+        self.fresh_life_dirs()
         proc = await asyncio.create_subprocess_exec(
             *self.spec.command(),
             env=self.spec.environment(base_env),

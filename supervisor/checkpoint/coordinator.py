@@ -208,8 +208,8 @@ class CheckpointCoordinator:
             path = self.store.path(spec.checkpoint_hash)
             metadata = read_metadata(self.store, spec.checkpoint_hash)
             remove_markers(spec.control_dir, Marker.ALL)
-            # The image has the metric files mapped at their path: put them back first.
-            handle.fresh_metrics_dir()
+            # The image has the metric files mapped and sockets bound at their paths.
+            handle.fresh_life_dirs()
             if (path / METRICS).is_dir():
                 shutil.copytree(path / METRICS, spec.metrics_dir, dirs_exist_ok=True,
                                 symlinks=True)

@@ -59,9 +59,10 @@ def make(tmp_path: Path, checkpointer: RecordingCheckpointer, **checkpoint: obje
     coordinator = CheckpointCoordinator(config, runtime, "tiny", metrics, checkpointer)
     spec = WorkerSpec(index=0, host="127.0.0.1", port=8100, gpus=[], cpus=[],
                       metrics_dir=runtime / "metrics" / "worker0", python="",
-                      config_path=runtime / "config.toml", instance="tiny")
+                      config_path=runtime / "config.toml", instance="tiny",
+                      socket_dir=runtime / "sockets" / "worker0")
     handle = WorkerHandle(spec=spec, policy=RestartPolicy(1, 2, 3, 10))
-    handle.fresh_metrics_dir()
+    handle.fresh_life_dirs()
     handle.pid = os.getpid()
 
     async def prepare() -> None:
@@ -188,3 +189,17 @@ def test_after_a_failed_restore_no_automatic_checkpoint_of_that_hash(tmp_path: P
     assert not coordinator.can_restore(handle.spec)
     assert Env.SNAPSHOT_CONTROL_DIR not in coordinator.spawn_env(handle.spec)
     assert "restore failed" in coordinator.last_event
+
+
+def test_each_life_gets_an_empty_private_socket_directory_at_the_same_path(
+        tmp_path: Path) -> None:
+    # A checkpoint holds the KV event socket's path; the restore binds it there again, so
+    # the directory must exist, and hold no socket file of an earlier life.
+    _, handle, _ = make(tmp_path, RecordingCheckpointer())
+    sockets = handle.spec.socket_dir
+    assert sockets is not None
+    (sockets / "events").write_text("an earlier life's socket")
+    handle.fresh_life_dirs()
+    assert sockets.is_dir() and list(sockets.iterdir()) == []
+    assert sockets.stat().st_mode & 0o777 == 0o700
+    assert handle.spec.environment({})[Env.SOCKET_DIR] == str(sockets)

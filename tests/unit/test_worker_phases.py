@@ -137,6 +137,8 @@ def test_poll_verdict(now: float, changes: dict[str, object],
 
 def test_worker_states_allowed_and_refused(caplog: pytest.LogCaptureFixture) -> None:
     assert WorkerState.SERVING in WORKER_TRANSITIONS[WorkerState.LOADING]
+    # A checkpoint on request: serving, asleep, then paused for the checkpointer.
+    assert WorkerState.CHECKPOINT in WORKER_TRANSITIONS[WorkerState.SLEEPING]
     assert not WORKER_TRANSITIONS[WorkerState.DEAD]
     status = WorkerStatus()
     with caplog.at_level(logging.ERROR):
