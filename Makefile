@@ -81,9 +81,11 @@ bench: setup $(TINY_MODEL)/config.json
 # The long fault-injection soak (docs/reliability.md); CI runs the short one in `make test`.
 SOAK_DURATION ?= 1800
 SOAK_SEED ?= 7
+# e.g. SOAK_ARGS=--frontend: the load through Dynamo's frontend, with its faults.
+SOAK_ARGS ?=
 soak: setup $(TINY_MODEL)/config.json
 	VLLM_HOST_IP=127.0.0.1 $(BIN)/python -m tests.soak.run --model $(TINY_MODEL) \
-		--duration $(SOAK_DURATION) --seed $(SOAK_SEED) --out build/soak
+		--duration $(SOAK_DURATION) --seed $(SOAK_SEED) --out build/soak $(SOAK_ARGS)
 
 # The wheel (agent only: the engine is the `cpu` or `gpu` extra) and the .deb (the agent in
 # its own venv under /opt/dynamo-vllm; `dynamo-vllm engine install` adds vLLM).

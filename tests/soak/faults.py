@@ -221,6 +221,18 @@ def memory_cgroup_root() -> Path | None:
     return None
 
 
+def _needs_checkpoints(soak: Soak) -> str | None:
+    return None if soak.settings.checkpoints else "the soak runs with checkpoints off"
+
+
+def _needs_checkpoints_on_request(soak: Soak) -> str | None:
+    if soak.settings.frontend:
+        # The worker refuses (409): a life restored from an image of a serving member of
+        # Dynamo's runtime would carry its instance id.
+        return "with [dynamo] on, checkpoints are taken as workers start, not on request"
+    return _needs_checkpoints(soak)
+
+
 def _oom_available(soak: Soak) -> str | None:
     if memory_cgroup_root() is None:
         return "no writable cgroup v1 memory controller here"
@@ -302,11 +314,11 @@ FAULTS = [
     Fault("metrics_dir_removed", "the worker's metrics directory removed",
           _remove_metrics_dir, _metrics_back),
     Fault("control_dir_removed", "the worker's checkpoint control directory removed, then "
-          "the worker killed", _remove_control_dir, _restored_again),
+          "the worker killed", _remove_control_dir, _restored_again, available=_needs_checkpoints),
     Fault("checkpoint_disk_full", "the checkpoint store full during a checkpoint",
-          _fill_store, _checkpoint_taken, cleanup=_no_ballast),
+          _fill_store, _checkpoint_taken, cleanup=_no_ballast,
+          available=_needs_checkpoints_on_request),
 ]
-BY_NAME = {fault.name: fault for fault in FAULTS}
 
 
 def run_cli(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:

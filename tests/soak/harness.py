@@ -37,14 +37,15 @@ from tests.harness import (
     wait_for,
     write_config,
 )
-from tests.soak.faults import BY_NAME, DEAD, FAULTS, GONE, HUNG, STOPPED, Fault
+from tests.soak.faults import FAULTS
+from tests.soak.frontend import FRONTEND_FAULTS, frontend_sections, frontend_whole
+from tests.soak.injection import inject
 from tests.soak.load import LOST, Load
 from tests.soak.report import FaultResult, Resources, render_report, resource_violations
 
-# Two busy cores: the observer, the supervisor and the engines compete for them.
-SLACK_S = 3.0
-FAULT_TIMEOUT_S = 180.0
 STORE_SIZE = "4g"
+EVERY_FAULT = (*FAULTS, *FRONTEND_FAULTS)
+BY_NAME = {fault.name: fault for fault in EVERY_FAULT}
 
 
 @dataclass
@@ -52,8 +53,11 @@ class SoakSettings:
     seed: int = 7
     # 0: every fault once (the CI version); otherwise faults drawn at random until then.
     duration: float = 0.0
-    faults: tuple[str, ...] = tuple(f.name for f in FAULTS)
+    faults: tuple[str, ...] = tuple(f.name for f in EVERY_FAULT)
     clients: int = 2
+    # The load through Dynamo's frontend, a child of the supervisor (tests/soak/frontend.py).
+    frontend: bool = False
+    checkpoints: bool = True
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Soak:
         self.skipped: dict[str, str] = {}
         self.samples: list[tuple[float, dict[int, dict[str, Any]] | None]] = []
         self._latest: dict[int, dict[str, Any]] = {}
+        self._frontend: dict[str, Any] = {}
         self._stop = threading.Event()
         self._observer: threading.Thread | None = None
         self.supervisor: SupervisorProcess | None = None
@@ -92,6 +97,13 @@ class Soak:
 
     def config(self) -> dict[str, Any]:
         self.metrics_port = free_port()
+        sections: dict[str, dict[str, Any]] = {}
+        if self.settings.checkpoints:
+            sections["checkpoint"] = {"enabled": True, "store": str(self.store),
+                                      "criu": str(self.criu), "timeout": 120.0, "keep": 4}
+        if self.settings.frontend:
+            self.frontend_port = free_port()
+            sections.update(frontend_sections(self, self.frontend_port))
         config = engine_config(
             self.model, free_port(),
             workers={"count": self.workers, "min_ready": 1, "drain_timeout": 2.0,
@@ -104,8 +116,7 @@ class Soak:
             metrics={"port": self.metrics_port},
             discovery={"backend": "etcd", "etcd_endpoints": [self.etcd.url],
                        "lease_ttl": self.lease_ttl},
-            checkpoint={"enabled": True, "store": str(self.store), "criu": str(self.criu),
-                        "timeout": 120.0, "keep": 4})
+            **sections)
         config["workers"]["base_port"] = free_port()
         return config
 
@@ -121,9 +132,9 @@ class Soak:
         self._observer = threading.Thread(target=self._observe, name="soak-observer",
                                           daemon=True)
         self._observer.start()
-        self.wait(self.whole, 600, "every worker serving, restored from its checkpoint",
-                  interval=0.5)
-        self.load = Load(self.serving_ports, "tiny", clients=self.settings.clients,
+        self.wait(self.whole, 600, "every worker serving (restored from its checkpoint, "
+                  "behind the frontend, as the settings ask)", interval=0.5)
+        self.load = Load(self.targets, "tiny", clients=self.settings.clients,
                          seed=self.settings.seed)
 
     def stop(self) -> Resources | None:
@@ -171,6 +182,7 @@ class Soak:
                 try:
                     status = client.get(self.supervisor.base + "/status").json()
                     workers = {w["worker"]: w for w in status["workers"]}
+                    self._frontend = dict(status.get("frontend") or {})
                 except (httpx.HTTPError, ValueError, KeyError):
                     workers = None
                 self.supervisor.remember_children()
@@ -201,11 +213,21 @@ class Soak:
         return dict(self._latest.get(index) or {"state": "unknown", "pid": None,
                                                 "restarts": -1, "restored": False})
 
-    def whole(self) -> bool:
-        return len(self._latest) == self.workers and all(
-            w["state"] == "serving" and w["restored"] for w in self._latest.values())
+    def frontend(self) -> dict[str, Any]:
+        return dict(self._frontend)
 
-    def serving_ports(self) -> dict[int, int]:
+    def whole(self) -> bool:
+        settings = self.settings
+        return len(self._latest) == self.workers and all(
+            w["state"] == "serving" and (w["restored"] or not settings.checkpoints)
+            for w in self._latest.values()) and (
+            not settings.frontend or frontend_whole(self._frontend, self.workers))
+
+    def targets(self) -> dict[int, int]:
+        """Where the load goes now: {worker: port} of the serving workers, or the frontend's
+        port (as worker -1) while it serves."""
+        if self.settings.frontend:
+            return {-1: self.frontend_port} if self._frontend.get("state") == "serving" else {}
         return {i: w["port"] for i, w in self._latest.items() if w["state"] == "serving"}
 
     def scrape(self) -> str:
@@ -265,19 +287,6 @@ class Soak:
 
     # ------------------------------------------------------------ faults
 
-    def bound(self, kind: str | None) -> float | None:
-        h = self.health
-        if kind == DEAD:
-            return h["interval"] + h["check_timeout"] + h["poll_interval"] + h["poll_timeout"]
-        if kind == HUNG:
-            return (h["canary_idle"] + h["canary_timeout"] * h["canary_failures"]
-                    + h["interval"] + h["poll_interval"] + h["poll_timeout"])
-        if kind == GONE:
-            return h["poll_interval"] + 1.0
-        if kind == STOPPED:
-            return (h["poll_interval"] + h["poll_timeout"]) * h["poll_failures"]
-        return None
-
     @property
     def health(self) -> dict[str, float]:
         import tomllib
@@ -307,65 +316,8 @@ class Soak:
             if reason:
                 self.skipped[name] = reason
                 continue
-            self.results.append(self._inject(fault, worker))
+            self.results.append(inject(self, fault, worker))
         return before, None
-
-    def _inject(self, fault: Fault, worker: int) -> FaultResult:
-        try:
-            self.wait(self.whole, FAULT_TIMEOUT_S, "the instance whole again before a fault",
-                      interval=0.25)
-        except TimeoutError as exc:
-            return FaultResult(fault.name, worker, None, None, None, str(exc))
-        time.sleep(1.0)
-        try:  # still whole after the pause (a status read just before a restart is stale)
-            self.wait(self.whole, FAULT_TIMEOUT_S, "the instance whole after the pause",
-                      interval=0.25)
-        except TimeoutError as exc:
-            return FaultResult(fault.name, worker, None, None, None, str(exc))
-        bound = self.bound(fault.detection)
-        pid = self.worker(worker)["pid"]
-        reasons_before = dict(self.worker(worker).get("restarts_by_reason") or {})
-        started = time.monotonic()
-        detected = recovered = None
-        state: Any = None
-        error = ""
-        try:
-            state = fault.inject(self, worker)
-            deadline = started + FAULT_TIMEOUT_S
-            struck: float | None = None if fault.struck else started
-            while time.monotonic() < deadline:
-                now = self.worker(worker)
-                if struck is None and fault.struck is not None \
-                        and fault.struck(self, worker, state):
-                    struck = time.monotonic()
-                if detected is None and fault.detection is not None and struck is not None \
-                        and (now["state"] != "serving" or now["pid"] != pid):
-                    detected = time.monotonic() - struck
-                if fault.recovered(self, worker, state):
-                    recovered = time.monotonic() - started
-                    break
-                time.sleep(0.1)
-            else:
-                error = f"not recovered within {FAULT_TIMEOUT_S:g} s"
-        except Exception as exc:  # one fault that cannot be done must not end the soak
-            error = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            if fault.cleanup is not None and state is not None:
-                with contextlib.suppress(Exception):
-                    fault.cleanup(self, worker, state)
-        if fault.detection is not None and recovered is not None:
-            if detected is None:
-                detected = recovered
-            if bound is not None and detected > bound + SLACK_S:
-                self.violations.append(
-                    f"{fault.name} on worker {worker}: still called serving "
-                    f"{detected:.1f} s after the fault (bound {bound:.1f} s + {SLACK_S:g})")
-        if error:
-            self.violations.append(f"{fault.name} on worker {worker}: {error}")
-        reasons_after = dict(self.worker(worker).get("restarts_by_reason") or {})
-        moved = sorted(r for r, n in reasons_after.items() if n > reasons_before.get(r, 0))
-        return FaultResult(fault.name, worker, detected, recovered, bound, error,
-                           ", ".join(moved))
 
 
 def run_soak(model: Path, criu: Path, tmp: Path, settings: SoakSettings) -> tuple[str, Soak]:
