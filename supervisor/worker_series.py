@@ -7,8 +7,8 @@ once per worker instead of once per scrape: that parse was a third of a changed 
 cost), adds the `worker` label and the workers' labels (Dynamo's
 hierarchy and the operator's) where a series lacks them, as vLLM's own do, and renders the
 text. Merging and rendering cost about 5 ms per worker on a 2-core machine, and a worker with
-no traffic writes nothing between two scrapes: so each worker's text is kept with a digest of
-its files' used bytes and the labels, and made again only when one of them changed.
+no traffic writes nothing between two scrapes: so each worker's text is kept with its files'
+used bytes and the labels, and made again only when one of them changed.
 Families of the same name from several workers are joined under one HELP and TYPE, as the
 text format requires, so the exposition has no duplicate series; when no worker changed, the
 joined text is the very bytes object of the last scrape (the gzip of /metrics keeps its
