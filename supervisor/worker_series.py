@@ -211,8 +211,8 @@ class WorkerSeries:
                                            for (w, r), (lw, lr) in zip(used, last, strict=True)):
             return self._joined[1]
         joined: dict[str, list[bytes]] = {}
-        for _, rendered in renders:
-            for family in rendered.families if rendered else ():
+        for _, rendered in used:
+            for family in rendered.families:
                 parts = joined.get(family.name)
                 if parts is None:
                     joined[family.name] = parts = [family.header]
