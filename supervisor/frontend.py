@@ -44,16 +44,24 @@ class FrontendState(enum.StrEnum):
     STOPPED = "stopped"
 
 
-def frontend_command(config: Config, python: str) -> list[str]:
+def frontend_args(config: Config) -> list[str]:
+    """`python -m dynamo.frontend`'s arguments."""
     dynamo, frontend = config.dynamo, config.frontend
-    return [python or sys.executable, "-m", "dynamo.frontend",
-            "--discovery-backend", dynamo.discovery_backend,
+    return ["--discovery-backend", dynamo.discovery_backend,
             "--request-plane", dynamo.request_plane, "--event-plane", dynamo.event_plane,
             "--namespace", config.metrics.namespace,
             "--router-mode", frontend.router_mode,
             "--migration-limit", str(frontend.migration_limit),
             "--http-host", frontend.host, "--http-port", str(frontend.port),
             *engine_cli_args(frontend.args or {})]
+
+
+def frontend_command(config: Config, python: str) -> list[str]:
+    """The frontend under the journal relay (journal_relay.py), which files its Rust lines
+    at their own priority under the unit."""
+    python = python or sys.executable
+    return [python, "-m", "dynamo_vllm.supervisor.journal_relay", "frontend", "--",
+            python, "-m", "dynamo.frontend", *frontend_args(config)]
 
 
 # Run on the engine's interpreter: Dynamo's own parser and checks, nothing started.
@@ -75,9 +83,9 @@ except Exception as exc:
 def frontend_args_problem(config: Config, python: str) -> str | None:
     """`key: problem` when Dynamo's frontend refuses the arguments it would be given (run
     before anything starts, and by `config check`); None when it takes them. Blocking."""
-    command = frontend_command(config, python)
+    command = [python or sys.executable, "-c", _CHECK_ARGS, *frontend_args(config)]
     try:
-        result = subprocess.run([command[0], "-c", _CHECK_ARGS, *command[3:]],
+        result = subprocess.run(command,
                                 capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"frontend.enabled: cannot run Dynamo's frontend parser ({exc})"

@@ -40,15 +40,16 @@ CRIU_NSPAWN_ENV = {"SYSTEMD_NSPAWN_API_VFS_WRITABLE": "1", "SYSTEMD_SECCOMP": "0
 GUEST_MODEL = "/var/lib/dynamo-vllm/models/tiny"
 
 
-def tiny_instance_config(base_port: int, metrics_port: int, **extra: str) -> str:
-    """/etc/dynamo-vllm/tiny.toml: one worker on the CPU engine; `extra` TOML sections
+def tiny_instance_config(base_port: int, metrics_port: int, workers: int = 1,
+                         **extra: str) -> str:
+    """/etc/dynamo-vllm/tiny.toml: `workers` on the CPU engine; `extra` TOML sections
     (name to body) are appended."""
     text = textwrap.dedent(f"""
         [model]
         path = "{GUEST_MODEL}"
         served_name = "tiny"
         [workers]
-        count = 1
+        count = {workers}
         base_port = {base_port}
         drain_timeout = 5.0
         stop_timeout = 30.0

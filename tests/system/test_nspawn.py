@@ -2,10 +2,11 @@
 
 In order, on one container: install the package, add the CPU engine from a wheelhouse
 (and package that engine tree as the engine .deb), start an instance on the tiny model,
-scrape it from the host, kill its EngineCore, reload it, stop its supervisor (watchdog),
-start a bad config, stop, restore its worker under the checkpoint drop-in (CRIU), remove
-(a running instance of stand-in workers is stopped) and purge; then the "full" install (the
-agent and the engine .deb, no pip) serves as well.
+scrape it from the host, kill its EngineCore, stop its supervisor (watchdog), start a bad
+config, stop, restore its worker under the checkpoint drop-in (CRIU), remove (a running
+instance of stand-in workers is stopped) and purge; then the "full" install (the agent and
+the engine .deb with ai-dynamo, no pip) serves two workers behind Dynamo's frontend, and a
+reload under load through it loses nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import httpx
 import pytest
 import tomli_w
 
-from tests.harness import free_port, wait_for
+from tests.harness import SteadyStreams, free_port, wait_for
 from tests.system.container import (
     GUEST_MODEL,
     ROOT,
@@ -277,20 +278,6 @@ def test_engine_core_killed_restarts_the_worker_not_the_unit(container: Containe
     assert "worker 0" in tagged
 
 
-def test_reload_shows_reloading_and_rolls_the_worker(container: Container) -> None:
-    before = status(container)["workers"][0]["pid"]
-    # An engine argument changed: the reload must roll the worker.
-    container.run("sed -i 's/max_num_seqs = 8/max_num_seqs = 6/' /etc/dynamo-vllm/tiny.toml")
-    container.run(f"systemctl reload {UNIT}")
-    container.wait(f"systemctl show -P ActiveState {UNIT} | grep -qx reloading", 30,
-                   "ActiveState=reloading", interval=0.2)
-    wait_for(lambda: status(container).get("ready") and
-             status(container)["workers"][0]["pid"] != before, 300, interval=1,
-             what="the worker rolled")
-    container.wait(f"systemctl show -P ActiveState {UNIT} | grep -qx active", 60, "active")
-    assert "Reloaded" in container.run(f"journalctl --no-pager -o cat -u {UNIT}").stdout
-
-
 def test_a_stopped_supervisor_is_restarted_by_the_watchdog(container: Container) -> None:
     main_pid = container.show(UNIT, "MainPID")
     # `kill -STOP 0` would stop the test's own process group (nsenter keeps it).
@@ -529,17 +516,85 @@ def test_remove_stops_instances_and_purge_leaves_nothing(container: Container) -
     container.run("rm -rf /var/lib/dynamo-vllm")
 
 
-def test_the_full_engine_deb_serves_without_pip(container: Container) -> None:
+def test_the_full_engine_deb_serves_through_the_frontend(container: Container) -> None:
+    """The agent and the engine .deb (ai-dynamo included), no pip: an instance of two workers
+    behind Dynamo's frontend, supervised by the unit. `systemctl start` returns once the
+    frontend serves the model with both workers listed; the host's client goes through its
+    one port; `systemctl reload` under streaming load rolls the workers one at a time and
+    loses nothing; the frontend's own lines are in the unit's journal at their priority."""
     container.run("dpkg -i /mnt/share/dynamo-vllm.deb "
                   "/mnt/dist/dynamo-vllm-engine-cpu_*_amd64.deb", timeout=300)
     refused = container.run("dynamo-vllm engine install --cpu --wheelhouse /mnt/wheelhouse",
                             check=False)
     assert refused.returncode != 0 and "belongs to a Debian package" in refused.stderr
-    model = "/var/lib/dynamo-vllm/models/tiny"
-    container.run(f"dynamo-vllm tiny-model {model} && chown -R dynamo-vllm: {model}", timeout=300)
+    container.run(f"dynamo-vllm tiny-model {GUEST_MODEL} && chown -R dynamo-vllm: {GUEST_MODEL}",
+                  timeout=300)
+    front = f"http://127.0.0.1:{free_port()}"
+    config = tiny_instance_config(
+        container.base_port, container.metrics_port, workers=2,  # type: ignore[attr-defined]
+        dynamo='enabled = true\nfile_kv = "/var/lib/dynamo-vllm/dynamo-kv"',
+        frontend=f"enabled = true\nport = {front.rsplit(':', 1)[1]}")
+    container.run(f"cat > /etc/dynamo-vllm/tiny.toml <<'EOF'\n{config}\nEOF")
+    started = time.monotonic()
     container.run(f"systemctl start {UNIT}", timeout=600)
-    assert status(container).get("ready") is True
+    print(f"systemctl start with the frontend returned after {time.monotonic() - started:.1f} s")
+    door = status(container)["frontend"]
+    assert (door["state"], door["workers_listed"]) == ("serving", 2), door
+    shown = container.run(f"systemctl status --no-pager {UNIT}", check=False).stdout
+    assert 'Status: "2/2 workers serving; frontend serving' in shown, shown
+    answer = httpx.post(f"{front}/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == \
+        "length", answer.text
+    unknown = httpx.post(f"{front}/v1/completions", timeout=60,
+                         json={"model": "nothing-here", "prompt": "x", "max_tokens": 2})
+    assert unknown.status_code == 404, unknown.text
+
+    # An engine setting changed: the reload rolls both workers, one at a time.
+    pids = {w["worker"]: w["pid"] for w in status(container)["workers"]}
+    load = SteadyStreams(front, concurrency=2).start()
+    try:
+        wait_for(lambda: len(load.results) >= 4, 60, what="steady streams")
+        container.run("sed -i 's/max_num_seqs = 8/max_num_seqs = 6/' /etc/dynamo-vllm/tiny.toml")
+        container.run(f"systemctl reload {UNIT}")
+        container.wait(f"systemctl show -P ActiveState {UNIT} | grep -qx reloading", 30,
+                       "ActiveState=reloading", interval=0.2)
+        serving: list[int] = []
+
+        def rolled() -> bool:
+            workers = status(container).get("workers") or []
+            serving.append(sum(w["state"] == "serving" for w in workers))
+            return len(workers) == 2 and all(
+                w["pid"] != pids[w["worker"]] and w["state"] == "serving" for w in workers)
+        rolled_from = time.monotonic()
+        wait_for(rolled, 400, interval=0.5, what="both workers rolled")
+        print(f"the roll took {time.monotonic() - rolled_from:.1f} s")
+        container.wait(f"systemctl show -P ActiveState {UNIT} | grep -qx active", 60, "active")
+        during = len(load.results)
+        wait_for(lambda: len(load.results) >= during + 2, 60, what="streams after the roll")
+    finally:
+        load.stop()
+    assert load.failed() == [], f"{len(load.failed())} of {len(load.results)} streams " \
+                                f"failed: {load.failed()[:3]}"
+    assert min(serving) >= 1, serving
+    assert container.show(UNIT, "NRestarts") == "0"
+    assert "Reloaded" in container.run(f"journalctl --no-pager -o cat -u {UNIT}").stdout
+
+    # The frontend's lines: under the unit, with its role, each at its own level (Dynamo
+    # logs the 404 above at ERROR, its start at INFO).
+    lines = journal_entries(container, f"-u {UNIT} ROLE=frontend")
+    by_priority = {p: [e["MESSAGE"] for e in lines if e["PRIORITY"] == p] for p in ("3", "6")}
+    print(f"{len(lines)} frontend entries, {len(by_priority['3'])} at err")
+    assert any("status=404" in m for m in by_priority["3"]), lines[-10:]
+    assert any("Starting HTTP(S) service" in m for m in by_priority["6"]), lines[:10]
+    assert all(e.get("LOGGER") and e["SYSLOG_IDENTIFIER"] == "dynamo-vllm" for e in lines
+               if "\n" not in e["MESSAGE"]), lines[:3]
+
     container.run(f"systemctl stop {UNIT}", timeout=200)
+    assert container.show(UNIT, "Result") == "success"
+    # Nothing left: the workers, the frontend and its journal relay.
+    assert agent_processes(container) == []
+    assert container.run("pgrep -f 'dynamo[.]frontend' || true").stdout.strip() == ""
     container.run("dpkg -P dynamo-vllm-engine-cpu dynamo-vllm", timeout=300)
     left = container.run("ls -d /opt/dynamo-vllm 2>/dev/null || true").stdout.strip()
     assert left == "", left

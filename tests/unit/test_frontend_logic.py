@@ -28,8 +28,11 @@ def test_the_command_carries_discovery_router_and_passed_arguments(tmp_path: Pat
     c = config(tmp_path, port=8010, router_mode="round-robin",
                args={"migration_max_seq_len": 4096, "busy-threshold": 0.9})
     argv = frontend_command(c, "/opt/engine/bin/python")
-    assert argv[:3] == ["/opt/engine/bin/python", "-m", "dynamo.frontend"]
-    pairs = dict(zip(argv[3::2], argv[4::2], strict=False))
+    # Under the journal relay, on the engine's interpreter both.
+    assert argv[:5] == ["/opt/engine/bin/python", "-m", "dynamo_vllm.supervisor.journal_relay",
+                        "frontend", "--"]
+    assert argv[5:8] == ["/opt/engine/bin/python", "-m", "dynamo.frontend"]
+    pairs = dict(zip(argv[8::2], argv[9::2], strict=False))
     assert pairs["--discovery-backend"] == "file" and pairs["--router-mode"] == "round-robin"
     assert pairs["--http-host"] == "127.0.0.1" and pairs["--http-port"] == "8010"
     assert pairs["--namespace"] == "dynamo" and pairs["--migration-limit"] == "3"
