@@ -1,23 +1,51 @@
 """The `dynamo-vllm` command: the front door of both processes and the operator's tools.
 
 Heavy modules (vLLM, torch, the worker) are imported inside the commands that need them,
-so `dynamo-vllm config ...` answers at once and the supervisor stays light.
+and the operator's commands' modules only when one of them runs (or help lists them), so
+`dynamo-vllm config ...` answers at once and the supervisor, which lives as long as the
+unit, carries none of them.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from dynamo_vllm.cli import bench, control, doctor, tools
 from dynamo_vllm.cli.common import config_path_for, instance_name, load_or_exit
 from dynamo_vllm.contract.protocol import ExitCode
 
+# Command name: "module:function" under dynamo_vllm.cli.
+LAZY_COMMANDS = {
+    "doctor": "doctor:doctor",
+    "status": "control:status", "sleep": "control:sleep", "wake": "control:wake",
+    "endpoints": "control:endpoints", "checkpoint": "control:checkpoint",
+    "checkpoints": "control:checkpoints", "restore": "control:restore",
+    "reload": "control:reload",
+    "bench": "bench:bench",
+    "tiny-model": "tools:tiny_model", "engine": "tools:engine", "config": "tools:config",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyCommands(click.Group):
+    """click's lazily loading group (its documentation's "Lazily Loading Subcommands")."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, function = LAZY_COMMANDS[cmd_name].split(":")
+        command = getattr(importlib.import_module(f"dynamo_vllm.cli.{module}"), function)
+        assert isinstance(command, click.Command), LAZY_COMMANDS[cmd_name]
+        return command
+
+
+@click.group(cls=LazyCommands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dynamo-vllm")
 def main() -> None:
     """dynamo-vllm: run vLLM workers under systemd, watch their health, export metrics.
@@ -87,13 +115,6 @@ def run(name: str | None, config_file: str | None, runtime_dir: Path | None,
         click.echo(f"config error: {exc}", err=True)
         sys.exit(ExitCode.CONFIG)
     sys.exit(int(code))
-
-
-for _command in (doctor.doctor, control.status, control.sleep, control.wake, control.endpoints,
-                 control.checkpoint, control.checkpoints, control.restore, control.reload,
-                 bench.bench,
-                 tools.tiny_model, tools.engine, tools.config):
-    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
-from dynamo_vllm.cli.main import main
+from dynamo_vllm.cli.main import LAZY_COMMANDS, main
 from dynamo_vllm.contract.settings import SECTIONS
 
 
@@ -109,3 +112,16 @@ def test_urls_from_ipv6_and_wildcard_hosts() -> None:
     assert local_host("::") == "127.0.0.1" and local_host("0.0.0.0") == "127.0.0.1"
     assert local_host("::1") == "[::1]" and local_host("fd00::5") == "[fd00::5]"
     assert local_host("10.0.0.2") == "10.0.0.2" and local_host("gpu01") == "gpu01"
+
+
+def test_every_lazy_command_loads_under_its_name() -> None:
+    """The operator's commands load on demand: each name finds its command, under that very
+    name, and nothing of them is imported until one runs (the supervisor never does)."""
+    for name in LAZY_COMMANDS:
+        command = main.get_command(click.Context(main), name)
+        assert command is not None and command.name == name, (name, command)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, dynamo_vllm.cli.main; print(' '.join(m for m in "
+         "sys.modules if m.startswith('dynamo_vllm.cli.')))"],
+        capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert sorted(loaded) == ["dynamo_vllm.cli.common", "dynamo_vllm.cli.main"]
