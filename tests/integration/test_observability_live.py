@@ -5,6 +5,8 @@ CRIU after its cold start and restored from it) while traffic flows;
 then every dashboard query (variables set to "all") and every recording rule must return
 data, and every metric name the dashboard uses must occur in the live scrape. The test also
 draws the main panels to a PNG (build/dashboard.png; docs/dashboard.png is a committed copy).
+Last, the supervisor is SIGKILLed: nothing of its tree, the restored worker's included, may
+outlive it (this module's engine, so that no test starts one for that alone).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from tests.harness import (
     SupervisorProcess,
     engine_config,
     free_port,
+    wait_for,
     write_config,
 )
 from tests.harness.prometheus import (
@@ -154,3 +158,17 @@ def test_draw_the_main_panels(stack: dict) -> None:
     PNG.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PNG, dpi=80)
     assert PNG.stat().st_size > 10_000
+
+
+def test_no_worker_outlives_a_killed_supervisor(stack: dict) -> None:
+    """SIGKILL leaves the supervisor no chance to stop anything: the worker, restored from its
+    checkpoint, gets SIGTERM from the kernel (PR_SET_PDEATHSIG, armed again after the restore
+    once its parent is the supervisor) and shuts its engine down. Last in the module: the
+    stack's supervisor is gone after it."""
+    supervisor = stack["supervisor"]
+    assert all(w["restored"] for w in supervisor.status()["workers"])
+    supervisor.remember_children()
+    assert len(supervisor.seen_pids) >= 4  # itself, the worker, EngineCore, vLLM's Worker
+    supervisor.proc.send_signal(signal.SIGKILL)
+    wait_for(lambda: supervisor.alive_leftovers() == [], 60,
+             what="every process of the killed supervisor's tree gone")

