@@ -34,13 +34,18 @@ def syslog_priority(levelno: int) -> int:
     return 7
 
 
+def priority_prefixed(text: str, priority: int) -> str:
+    """Every line of `text` with its syslog priority in front (`<3>`), as journald reads a
+    stream: a multi-line message keeps its priority on each line."""
+    prefix = f"<{priority}>"
+    return prefix + text.replace("\n", "\n" + prefix)
+
+
 class JournalFormatter(logging.Formatter):
     """Prefixes the syslog priority and keeps each record on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        prefix = f"<{syslog_priority(record.levelno)}>"
-        return prefix + text.replace("\n", "\n" + prefix)
+        return priority_prefixed(super().format(record), syslog_priority(record.levelno))
 
 
 def stderr_is_the_journal() -> bool:

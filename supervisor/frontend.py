@@ -85,8 +85,7 @@ def frontend_args_problem(config: Config, python: str) -> str | None:
     before anything starts, and by `config check`); None when it takes them. Blocking."""
     command = [python or sys.executable, "-c", _CHECK_ARGS, *frontend_args(config)]
     try:
-        result = subprocess.run(command,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"frontend.enabled: cannot run Dynamo's frontend parser ({exc})"
     if result.returncode == 0:

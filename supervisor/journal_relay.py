@@ -92,8 +92,7 @@ def relay(fd: int, role: str) -> None:
             try:
                 sock.sendto(journal.datagram(message, priority, fields), journal.JOURNAL_SOCKET)
             except OSError:
-                prefix = f"<{priority}>"
-                sys.stderr.write(prefix + message.replace("\n", "\n" + prefix) + "\n")
+                sys.stderr.write(logs.priority_prefixed(message, priority) + "\n")
                 sys.stderr.flush()
 
 
