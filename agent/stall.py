@@ -11,6 +11,13 @@ A step is seen by the stat logger in the API process's event loop; the watch run
 same loop. A loop that was blocked (a long tokenisation, a GC pause, a CPU taken by other
 processes) delays both, so a check that wakes late is not trusted, and a verdict needs two
 checks in a row past the bound.
+
+The engine's own processes can be starved while the loop is not: a CI run saw EngineCore
+make no step for 5.5 s while another worker was being restored beside two test groups on 2
+cores, and a healthy engine was killed. So the time during the silence that some task of the
+machine waited for a CPU (the kernel's pressure stall information, /proc/pressure/cpu, "some")
+does not count as silence, up to half of it: on a machine whose CPUs are always taken a hang
+is still found, at up to twice the bound.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from dynamo_vllm.agent.monitor import FailureHandler
 from dynamo_vllm.agent.status import WorkerStatus
@@ -31,6 +39,22 @@ CHECK_EVERY_S = 0.25
 # A check that wakes this much later than asked saw a blocked loop, not a silent engine.
 LATE_CHECK_S = 0.5
 STEP_SAMPLES = 1024
+CPU_PRESSURE = Path("/proc/pressure/cpu")
+
+
+def cpu_pressure(path: Path = CPU_PRESSURE) -> float:
+    """Seconds that some task of the machine waited for a CPU since boot (PSI's "some"
+    total); 0 where the kernel has no PSI, so that nothing is discounted there."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("some "):
+            for field in line.split():
+                if field.startswith("total="):
+                    return int(field[len("total="):]) / 1e6
+    return 0.0
 
 
 class StepTimes:
@@ -63,15 +87,20 @@ class StepTimes:
 
 class StallWatch:
     def __init__(self, steps: StepTimes, inflight: Callable[[], int], status: WorkerStatus,
-                 floor: float, factor: float, on_failure: FailureHandler):
+                 floor: float, factor: float, on_failure: FailureHandler,
+                 pressure: Callable[[], float] = cpu_pressure):
         self.steps = steps
         self.inflight = inflight
         self.status = status
         self.floor = floor
         self.factor = factor
         self.on_failure = on_failure
+        self.pressure = pressure
         self._active_since: float | None = None
         self._past_bound = 0
+        # The last step a check saw, and the pressure read at that check (the silence's start).
+        self._seen_step: float | None = None
+        self._pressure_at_step = 0.0
 
     def bound(self) -> float:
         return max(self.floor, self.factor * self.steps.p99())
@@ -85,17 +114,25 @@ class StallWatch:
             return None
         if self._active_since is None:
             self._active_since = now
-        silent = now - max(self.steps.last_step, self._active_since)
+        last = max(self.steps.last_step, self._active_since)
+        if last != self._seen_step:
+            self._seen_step, self._pressure_at_step = last, self.pressure()
+        silent = now - last
         bound = self.bound()
         if silent <= bound or late:
+            self._past_bound = 0
+            return None
+        starved = min(max(0.0, self.pressure() - self._pressure_at_step), silent / 2)
+        if silent - starved <= bound:
             self._past_bound = 0
             return None
         self._past_bound += 1
         if self._past_bound < 2:
             return None
         return (f"engine hung: no step for {silent:.1f} s with {requests} request(s) in flight "
-                f"(bound {bound:.1f} s: the larger of stall_floor and "
-                f"{self.factor:g} x the p99 step time {self.steps.p99() * 1000:.0f} ms)")
+                f"({starved:.1f} s of it with tasks waiting for a CPU; bound {bound:.1f} s: "
+                f"the larger of stall_floor and {self.factor:g} x the p99 step time "
+                f"{self.steps.p99() * 1000:.0f} ms)")
 
     async def run(self) -> None:
         if self.floor <= 0:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
+from pathlib import Path
 
 import pytest
 
 from dynamo_vllm.agent.engine_exit import EngineExitWatch
-from dynamo_vllm.agent.stall import StallWatch, StepTimes
+from dynamo_vllm.agent.stall import StallWatch, StepTimes, cpu_pressure
 from dynamo_vllm.agent.status import WorkerStatus
 from dynamo_vllm.contract.protocol import ExitCode, WorkerState
 from tests.harness.basics import FakeClock
@@ -21,11 +22,14 @@ def serving() -> WorkerStatus:
     return status
 
 
-def watch(clock: FakeClock, inflight: list[int], floor: float = 3.0,
-          factor: float = 20.0) -> tuple[StallWatch, StepTimes]:
+def watch(clock: FakeClock, inflight: list[int], floor: float = 3.0, factor: float = 20.0,
+          pressure: list[float] | None = None) -> tuple[StallWatch, StepTimes]:
+    """`pressure`: the machine's CPU pressure total (seconds), moved by the test; none by
+    default, whatever this machine's own is."""
     steps = StepTimes(clock)
+    waited = pressure if pressure is not None else [0.0]
     return StallWatch(steps, lambda: inflight[0], serving(), floor, factor,
-                      lambda code, reason: None), steps
+                      lambda code, reason: None, pressure=lambda: waited[0]), steps
 
 
 def test_step_times_learn_only_busy_gaps() -> None:
@@ -101,6 +105,48 @@ def test_a_late_check_is_not_trusted() -> None:
     assert stall.check(clock.now, late=False) is None  # one check past the bound
     clock.now += 0.25
     assert stall.check(clock.now, late=False) is not None
+
+
+def test_silence_while_the_cpus_are_taken_counts_at_most_half() -> None:
+    """A CI run's false verdict: 5.5 s without a step while the 2 cores were taken. Time
+    during which tasks waited for a CPU is not silence, up to half of it: a hang is still
+    found under full pressure, at twice the bound."""
+    clock = FakeClock()
+    pressure = [100.0]
+    stall, _ = watch(clock, [3], pressure=pressure)
+    stall.check(clock.now, late=False)  # the silence starts: pressure read at 100 s
+    for _ in range(22):  # 5.5 s, every second of it under pressure
+        clock.now += 0.25
+        pressure[0] += 0.25
+        assert stall.check(clock.now, late=False) is None
+    reason = None
+    while reason is None and clock.now < 1000 + 6.6:
+        clock.now += 0.25
+        pressure[0] += 0.25
+        reason = stall.check(clock.now, late=False)
+    assert reason is not None and clock.now >= 1000 + 6.25, clock.now - 1000
+    assert "3.2 s of it with tasks waiting for a CPU" in reason, reason
+
+
+def test_pressure_before_the_silence_is_not_counted() -> None:
+    clock = FakeClock()
+    pressure = [0.0]
+    stall, steps = watch(clock, [1], pressure=pressure)
+    steps.stepped(busy=True)
+    pressure[0] = 50.0  # waited before the last step the checks saw
+    stall.check(clock.now, late=False)
+    clock.now += 3.25
+    assert stall.check(clock.now, late=False) is None
+    clock.now += 0.25
+    assert stall.check(clock.now, late=False) is not None
+
+
+def test_cpu_pressure_is_read_from_psi(tmp_path: Path) -> None:
+    psi = tmp_path / "cpu"
+    psi.write_text("some avg10=1.00 avg60=2.46 avg300=31.28 total=11238546136\n"
+                   "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert cpu_pressure(psi) == pytest.approx(11238.546136)
+    assert cpu_pressure(tmp_path / "absent") == 0.0
 
 
 def test_not_serving_is_never_judged() -> None:
