@@ -19,19 +19,24 @@ def sse_data(resp: httpx.Response) -> Iterator[str]:
 
 
 def stream_completion(worker: WorkerProcess, results: list[dict], started: threading.Event) -> None:
+    """One 500-token stream: its status, chunks (a busy server may carry several tokens in
+    one), finish reason, tokens (the usage the server counts at the end; None if cut)."""
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 500, "ignore_eos": True,
-            "stream": True, "temperature": 0}
-    chunks, finish = 0, None
+            "stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
+    chunks, finish, tokens = 0, None, None
     with httpx.stream("POST", worker.base + "/v1/completions", json=body, timeout=120) as resp:
         status = resp.status_code
         for data in sse_data(resp):
             if data == "[DONE]":
                 continue
-            choice = json.loads(data)["choices"][0]
+            event = json.loads(data)
+            if not event.get("choices"):  # the usage chunk, last
+                tokens = (event.get("usage") or {}).get("completion_tokens")
+                continue
             chunks += 1
             started.set()
-            finish = choice.get("finish_reason") or finish
-    results.append({"status": status, "chunks": chunks, "finish": finish,
+            finish = event["choices"][0].get("finish_reason") or finish
+    results.append({"status": status, "chunks": chunks, "finish": finish, "tokens": tokens,
                     "ended": time.monotonic()})
 
 

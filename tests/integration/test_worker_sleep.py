@@ -119,7 +119,8 @@ def test_sleep_drains_in_flight_requests_then_wake(worker: WorkerProcess) -> Non
     assert all(r["finish"] == "length" for r in admitted_streams), results
     assert all(r["status"] == 503 and r["chunks"] == 0 for r in results
                if r["status"] != 200), results
-    assert all(r["chunks"] >= 450 for r in admitted_streams), results
+    # Counted in tokens: under load the server may carry several tokens in one chunk.
+    assert all(r["tokens"] == 500 for r in admitted_streams), results
     health = httpx.get(worker.base + "/health", timeout=10)
     assert health.status_code == 503 and health.json()["state"] == "sleeping"
     assert health.json()["sleep"]["is_sleeping"] is True
