@@ -63,14 +63,18 @@ def entries(lines: Iterator[str], role: str) -> Iterator[tuple[str, int, dict[st
         if held:
             held.append(line)
             if line[:1] not in (" ", "\t", ""):
-                yield f"{role}: " + "\n".join(held), TRACEBACK_PRIORITY, {"ROLE": role}
+                yield _traceback(held, role)
                 held = []
         elif line.startswith("Traceback (most recent call last):"):
             held = [line]
         else:
             yield entry(line, role)
     if held:
-        yield f"{role}: " + "\n".join(held), TRACEBACK_PRIORITY, {"ROLE": role}
+        yield _traceback(held, role)
+
+
+def _traceback(lines: list[str], role: str) -> tuple[str, int, dict[str, str]]:
+    return f"{role}: " + "\n".join(lines), TRACEBACK_PRIORITY, {"ROLE": role}
 
 
 def read_lines(fd: int) -> Iterator[str]:
